@@ -1,0 +1,166 @@
+"""
+LLaMA as the SLTrain paper trains it, in plain PyTorch: token embedding, blocks of
+RMSNorm -> causal self-attention with RoPE -> RMSNorm -> SwiGLU MLP, a final RMSNorm and an
+untied lm_head. No biases. Model code knows nothing of SLTrain or parallelism: sltrain.py swaps
+the block linears, train.py wraps the model.
+
+Build any size on the meta device (free), then materialise and initialise:
+    with torch.device("meta"): model = LLaMA(CONFIGS["7b"])
+    model.to_empty(device="cuda"); model.init_weights(seed=0)
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    dim: int
+    ffn_dim: int
+    n_heads: int
+    n_layers: int
+    vocab_size: int = 32000
+    max_seq_len: int = 1024
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # the paper's SLTrain settings for this size (used by train.py as defaults)
+    rank: int = 128
+    alpha: float = 32.0
+    delta: float = 0.03
+
+
+# The paper's sizes (arXiv 2406.02214, GaLore configs), plus `tiny` for CPU work and tests.
+CONFIGS = {
+    "tiny": ModelConfig(dim=128, ffn_dim=344, n_heads=4, n_layers=4, rank=32, alpha=32.0, delta=0.03),
+    "60m": ModelConfig(dim=512, ffn_dim=1376, n_heads=8, n_layers=8, rank=128, alpha=32.0, delta=0.03),
+    "130m": ModelConfig(dim=768, ffn_dim=2048, n_heads=12, n_layers=12, rank=256, alpha=16.0, delta=0.03),
+    "350m": ModelConfig(dim=1024, ffn_dim=2736, n_heads=16, n_layers=24, rank=256, alpha=16.0, delta=0.03),
+    "1b": ModelConfig(dim=2048, ffn_dim=5461, n_heads=32, n_layers=24, rank=512, alpha=8.0, delta=0.03),
+    "7b": ModelConfig(dim=4096, ffn_dim=11008, n_heads=32, n_layers=32, rank=1024, alpha=8.0, delta=0.05),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        # normalise in fp32 for stability, return in the input dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+class Rotary(nn.Module):
+    """RoPE: rotate each (even, odd) pair of a head's channels by position * theta^(-2i/d)."""
+
+    def __init__(self, head_dim, max_seq_len, theta):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+
+    def reset_parameters(self):
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
+
+    def forward(self, x):  # x: (B, H, T, hd)
+        T = x.shape[-2]
+        cos, sin = self.cos[:T], self.sin[:T]  # (T, hd/2)
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, hd/2) each
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.rotary = Rotary(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k = self.rotary(q), self.rotary(k)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed=0):
+        """Initialise every parameter and buffer: dense weights N(0, 0.02), norms 1, RoPE
+        tables, and SL layers by their own reset_parameters (support from the layer's seed)."""
+        torch.manual_seed(seed)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif hasattr(module, "reset_parameters") and module is not self:
+                module.reset_parameters()
+        return self
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets."""
+        if idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+        return logits, loss
+
+
+def count_params(model):
+    """(total, trainable) parameter counts; works on the meta device."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,175 @@
+"""
+SLTrain: sparse plus low-rank linear layers (Han et al., arXiv 2406.02214).
+
+Every linear layer inside the transformer blocks is re-parameterised as
+
+    W = scale * B @ A + S,        scale = alpha / rank
+    A: (rank, in)    init U(-1/sqrt(in), 1/sqrt(in))
+    B: (out, rank)   init zeros, so W = S at step 0
+    S: (out, in)     sparse with a FIXED random support of nnz = floor(delta * out * in)
+                     entries drawn uniformly without replacement; only the nnz `values`
+                     are trained, init U(-1/sqrt(in), 1/sqrt(in)).
+
+The support is stored as sorted, unique, flat row-major positions (`indices`, position
+i * in + j is entry (i, j)). It is drawn from a generator seeded by the layer's own `seed`,
+so the same seed gives the same support on every rank, on every device and after a resume;
+it is also saved in the state dict, so a checkpoint carries it.
+
+delta = 0 gives the `lowrank` baseline; `full` keeps plain dense nn.Linear layers.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHODS = ("full", "lowrank", "sltrain")
+BLOCK_LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
+
+
+def random_support(numel, nnz, generator):
+    """`nnz` distinct positions in [0, numel), uniform over all subsets, sorted (int64).
+
+    A full randperm of a 7b layer (45M positions) takes seconds, so for small delta we draw
+    with replacement and deduplicate: the distinct values of i.i.d. uniform draws form a
+    uniformly random subset of their size, and a uniformly random nnz-subset of that is a
+    uniformly random nnz-subset of [0, numel).
+    """
+    if nnz == 0:
+        return torch.empty(0, dtype=torch.long)
+    if 4 * nnz > numel:  # dense enough that a permutation is cheaper than rejection
+        return torch.randperm(numel, generator=generator)[:nnz].sort().values
+    support = torch.empty(0, dtype=torch.long)
+    while support.numel() < nnz:
+        extra = nnz - support.numel() + nnz // 32 + 16  # a little slack for collisions
+        support = torch.cat([support, torch.randint(numel, (extra,), generator=generator)]).unique()
+    keep = torch.randperm(support.numel(), generator=generator)[:nnz]
+    return support[keep].sort().values
+
+
+def densify(A, B, values, indices, scale):
+    """W = scale * B @ A + S as a dense (out, in) tensor in A's dtype."""
+    W = (B @ A).mul_(scale)  # (out, in)
+    W.view(-1).index_add_(0, indices, values.to(W.dtype))
+    return W
+
+
+class SLLinearFunction(torch.autograd.Function):
+    """y = x W^T with W = scale * B A + S, saving only (x, A, B, values, indices).
+
+    This is the plain PyTorch "dense route": W is rebuilt in forward and again in backward
+    and never kept between them, so no (out, in) tensor lives across the step. It is the CPU
+    path and the oracle the Triton kernels (kernels.py) are tested against. With the dense
+    gradient G = dy^T x (out, in):
+        dx = dy W,   dA = scale * B^T G,   dB = scale * G A^T,   dvalues = G[support].
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, values, indices, scale):
+        # Under autocast, compute in the autocast dtype (as F.linear would), with autocast off
+        # inside so every op here has one explicit dtype; backward reuses the same dtype.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            W = densify(A.to(dtype), B.to(dtype), values, indices, scale)  # (out, in), freed on return
+            y = x @ W.t()
+        ctx.save_for_backward(x, A, B, values, indices)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A, B, values, indices = ctx.saved_tensors
+        scale, dtype = ctx.scale, x.dtype
+        A_, B_ = A.to(dtype), B.to(dtype)
+        dy = dy.to(dtype)
+        W = densify(A_, B_, values, indices, scale)  # recomputed, (out, in)
+        dx = dy @ W  # (..., in)
+        del W
+        G = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # (out, in)
+        dA = (B_.t() @ G).mul_(scale)  # (rank, in)
+        dB = (G @ A_.t()).mul_(scale)  # (out, rank)
+        dvalues = G.view(-1)[indices]  # (nnz,)
+        return dx, dA.to(A.dtype), dB.to(B.dtype), dvalues.to(values.dtype), None, None
+
+
+class SLLinear(nn.Module):
+    def __init__(self, in_features, out_features, rank, delta, alpha, seed=0):
+        super().__init__()
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, min(in, out)] = [1, {min(in_features, out_features)}] "
+                             f"for a {in_features} -> {out_features} layer, got {rank}")
+        if not 0.0 <= delta < 1.0:
+            raise ValueError(f"delta (the sparse density) must be in [0, 1), got {delta}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha}")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.delta, self.alpha, self.seed = rank, delta, alpha, seed
+        self.scale = alpha / rank
+        self.nnz = math.floor(delta * out_features * in_features)
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.empty(out_features, rank))
+        self.values = nn.Parameter(torch.empty(self.nnz))
+        index_dtype = torch.int32 if out_features * in_features < 2**31 else torch.int64
+        self.register_buffer("indices", torch.empty(self.nnz, dtype=index_dtype))
+        if self.A.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Draw the support from this layer's seed; A, values ~ U(+-1/sqrt(in)); B = 0."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        g = torch.Generator().manual_seed(self.seed)
+        support = random_support(self.out_features * self.in_features, self.nnz, g)
+        self.indices.copy_(support.to(self.indices.dtype))
+        self.A.uniform_(-bound, bound)
+        self.B.zero_()
+        self.values.uniform_(-bound, bound)
+
+    def dense_weight(self):
+        """W = scale * B @ A + S, the (out, in) weight this layer represents."""
+        return densify(self.A, self.B, self.values, self.indices, self.scale)
+
+    def forward(self, x):
+        if x.is_cuda:
+            try:
+                from kernels import sl_linear  # Triton path, picks the faster route per shape
+            except ImportError:
+                sl_linear = None
+            if sl_linear is not None:
+                return sl_linear(x, self.A, self.B, self.values, self.indices, self.scale)
+        return SLLinearFunction.apply(x, self.A, self.B, self.values, self.indices, self.scale)
+
+    def extra_repr(self):
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+                f"delta={self.delta}, alpha={self.alpha}, nnz={self.nnz}")
+
+
+# -----------------------------------------------------------------------------
+# the swap that puts SL layers into a model
+
+
+def swap_linears(model, method, rank=None, delta=None, alpha=None, seed=0):
+    """Replace the seven linear layers of every block (q, k, v, o, gate, up, down).
+
+    method: 'full' keeps dense nn.Linear; 'lowrank' is SLLinear with delta = 0; 'sltrain' is
+    SLLinear with the given delta. Embeddings, norms and lm_head stay dense. Works on the meta
+    device (call model.init_weights afterwards). Layer k gets support seed `seed * 100_003 + k`,
+    k counting layers in model order, so supports differ between layers and repeat across runs.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "full":
+        return model
+    delta = 0.0 if method == "lowrank" else delta
+    k = 0
+    for block in model.blocks:
+        for name in BLOCK_LINEARS:
+            parent_name, child_name = name.split(".")
+            parent = getattr(block, parent_name)
+            old = getattr(parent, child_name)
+            with torch.device(old.weight.device):
+                new = SLLinear(old.in_features, old.out_features, rank, delta, alpha, seed=seed * 100_003 + k)
+            setattr(parent, child_name, new)
+            k += 1
+    return model
