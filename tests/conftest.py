@@ -1,10 +1,11 @@
 import os
 import sys
 
-# Triton kernels run on the CPU through the interpreter; it must be on before kernels are defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU the Triton kernels run through the interpreter; it must be switched on before
+# kernels.py is imported (the @triton.jit decorators read it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
