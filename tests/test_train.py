@@ -1,0 +1,139 @@
+"""train.py end to end on the tiny size: the loss falls, resume is exact, bad input stops clearly."""
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from data.prepare import prepare_stdlib
+
+SMALL = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-tokens", "2048", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "stdlib")
+    prepare_stdlib(path, max_bytes=1_000_000)
+    return path
+
+
+def run(data_dir, out_dir, *extra):
+    train.main(SMALL + ["--data", data_dir, "--out-dir", str(out_dir), *extra])
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(records):
+    return {r["step"]: r["loss"] for r in records if r["type"] == "train"}
+
+
+@pytest.mark.parametrize("method", ["full", "lowrank", "sltrain"])
+def test_a_few_steps_lower_the_loss(data_dir, tmp_path, method):
+    records = run(data_dir, tmp_path, "--method", method, "--max-steps", "25", "--lr", "3e-3")
+    assert records[0]["type"] == "config" and records[0]["method"] == method  # the log starts with the config
+    train_losses = losses(records)
+    first, last = train_losses[1], sum(train_losses[s] for s in (23, 24, 25)) / 3
+    assert first > 5.0  # ln(257) = 5.55 at init
+    assert last < first - 1.0, (first, last)
+    evals = [r for r in records if r["type"] == "eval"]
+    assert evals and evals[-1]["step"] == 25 and evals[-1]["val_loss"] < first - 1.0
+
+
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    flags = ["--max-steps", "8", "--eval-every", "4"]
+    full = losses(run(data_dir, tmp_path / "a", *flags))
+
+    # simulate a crash while step 6 is being trained, after the step-4 checkpoint was written
+    real_batch = train.TokenData.random_batch
+
+    def crash_at_step_5(self, step, *args, **kwargs):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real_batch(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(train.TokenData, "random_batch", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run(data_dir, tmp_path / "b", *flags)
+    monkeypatch.setattr(train.TokenData, "random_batch", real_batch)
+    resumed = losses(run(data_dir, tmp_path / "b", *flags, "--resume"))
+    assert sorted(resumed) == list(range(1, 9))
+    assert resumed == full  # bitwise: same batches, same weights, same optimizer state
+
+
+def test_dry_run_prints_json_last(capsys):
+    train.main(["--model", "7b", "--method", "sltrain", "--vocab-size", "32000", "--dry-run"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    est = json.loads(last)
+    assert abs(est["params_total"] / 1e6 - 3145) < 5 and est["params_trainable"] == est["params_total"]
+    # the paper's formula, recomputed here: 2 B/param + 4 B/trainable + 8 B/nonzero
+    assert est["est_memory_gb"] == pytest.approx((6 * est["params_total"] + 8 * est["support_nnz"]) / 1e9, abs=1e-3)
+
+
+def test_unknown_model_lists_valid_names(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--model", "13b", "--dry-run"])
+    err = capsys.readouterr().err
+    assert "13b" in err and all(name in err for name in ("tiny", "60m", "130m", "350m", "1b", "7b"))
+
+
+def test_impossible_rank_is_refused():
+    with pytest.raises(ValueError, match="rank"):
+        train.main(["--model", "tiny", "--rank", "4096", "--dry-run"])
+
+
+def test_missing_and_corrupt_data(data_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no prepared data"):
+        train.main(SMALL + ["--data", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "o")])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("meta.json", "val.bin"):
+        (broken / name).write_bytes(open(os.path.join(data_dir, name), "rb").read())
+    (broken / "train.bin").write_bytes(open(os.path.join(data_dir, "train.bin"), "rb").read()[:1000])
+    with pytest.raises(SystemExit, match="corrupt"):
+        train.main(SMALL + ["--data", str(broken), "--out-dir", str(tmp_path / "o")])
+
+
+def test_corrupt_and_mismatched_checkpoints(data_dir, tmp_path):
+    run(data_dir, tmp_path, "--max-steps", "2")
+    with pytest.raises(SystemExit, match="another model.*--method sltrain"):
+        run(data_dir, tmp_path, "--max-steps", "4", "--method", "lowrank", "--resume")
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])  # a torn file, as a crash mid-write would leave
+    with pytest.raises(SystemExit, match="unreadable"):
+        run(data_dir, tmp_path, "--max-steps", "4", "--resume")
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        run(data_dir, tmp_path / "fresh", "--max-steps", "4", "--resume")
+
+
+def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
+    run(data_dir, tmp_path, "--max-steps", "2")
+    ckpt = tmp_path / "ckpt.pt"
+    before = ckpt.read_bytes()
+
+    def torn_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        run(data_dir, tmp_path, "--max-steps", "4", "--resume")
+    assert ckpt.read_bytes() == before  # the old checkpoint survived the failed write
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    run(data_dir, tmp_path, "--max-steps", "2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="loss is (nan|inf).*--resume"):
+        run(data_dir, tmp_path / "x", "--max-steps", "6", "--lr", "1e30")
+    with pytest.raises(SystemExit, match="loss is (nan|inf).*untouched"):
+        run(data_dir, tmp_path, "--max-steps", "6", "--lr", "1e30", "--resume")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before  # broken weights never overwrite it
+
+
+def test_first_run_prepares_the_offline_default(tmp_path, monkeypatch):
+    default = str(tmp_path / "stdlib")
+    monkeypatch.setattr(train, "DEFAULT_DATA", default)
+    run(default, tmp_path / "o", "--max-steps", "1")
+    meta = json.load(open(os.path.join(default, "meta.json")))
+    assert meta["source"] == "stdlib" and meta["vocab_size"] == 257

@@ -1,0 +1,359 @@
+"""
+Pretrain a LLaMA whose block linears are SLTrain (sparse + low-rank), low-rank or full layers.
+
+    python train.py --model tiny                        # 2-core CPU, offline data, a few minutes
+    python train.py --model 60m                         # one GPU, the paper's recipe
+    python train.py --model 7b --dry-run --vocab-size 32000   # parameter count and memory, no memory used
+
+The story, top to bottom: config -> data -> model -> optimizer -> loop (eval, checkpoint).
+Everything a run did goes to --out-dir: log.jsonl (config first, then one record per log/eval)
+and ckpt.pt (written atomically; --resume continues from it exactly).
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+from model import CONFIGS, LLaMA, count_params
+from sltrain import METHODS, SLLinear, swap_linears
+
+# -----------------------------------------------------------------------------
+# config: the paper's recipe per size (steps, global batch in sequences of 256 tokens, eval
+# tokens). `tiny` is ours, sized so a 2-core CPU sees the loss fall within minutes.
+RECIPES = {
+    "tiny": dict(steps=300, batch=16, eval_tokens=65_536),
+    "60m": dict(steps=11_000, batch=512, eval_tokens=10_000_000),
+    "130m": dict(steps=22_000, batch=512, eval_tokens=10_000_000),
+    "350m": dict(steps=65_000, batch=512, eval_tokens=10_000_000),
+    "1b": dict(steps=140_000, batch=512, eval_tokens=10_000_000),
+    "7b": dict(steps=150_000, batch=512, eval_tokens=10_000_000),
+}
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stdlib")
+# flags that change the model's shape or its support: a checkpoint only resumes with the same
+MODEL_KEYS = ("model", "method", "rank", "delta", "alpha", "vocab_size", "seq_len", "seed")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=list(CONFIGS), help="model size (default: tiny)")
+    p.add_argument("--method", default="sltrain", choices=METHODS, help="block linear layers (default: sltrain)")
+    p.add_argument("--rank", type=int, help="low-rank r (default: the paper's for the size)")
+    p.add_argument("--delta", type=float, help="sparse density of S (default: the paper's for the size)")
+    p.add_argument("--alpha", type=float, help="scale = alpha / rank (default: the paper's for the size)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-step (default: min(64, recipe batch))")
+    p.add_argument("--grad-accum", type=int, help="micro-steps per step (default: recipe batch / batch-size)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the paper's for the size)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (default: 10%% of max-steps)")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="global grad-norm clip, 0 = off (default: 0)")
+    p.add_argument("--eval-every", type=int, help="steps between evals and checkpoints (default: max-steps/10)")
+    p.add_argument("--eval-tokens", type=int, help="validation tokens per eval (default: recipe)")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines (default: 10)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="autocast compute dtype; weights stay fp32 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="init, support and data order (default: 0)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="folder made by data/prepare.py (default: data/stdlib, "
+                   "prepared on first use)")
+    p.add_argument("--out-dir", help="log and checkpoint folder (default: out/<model>-<method>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    p.add_argument("--vocab-size", type=int, help="model vocabulary (default: the data's)")
+    p.add_argument("--dry-run", action="store_true", help="count parameters and estimate memory, then exit")
+    args = p.parse_args(argv)
+
+    cfg, recipe = CONFIGS[args.model], RECIPES[args.model]
+    args.rank = cfg.rank if args.rank is None else args.rank
+    args.delta = cfg.delta if args.delta is None else args.delta
+    args.alpha = cfg.alpha if args.alpha is None else args.alpha
+    args.max_steps = args.max_steps or recipe["steps"]
+    args.warmup = max(1, args.max_steps // 10) if args.warmup is None else args.warmup
+    args.batch_size = args.batch_size or min(64, recipe["batch"])
+    args.grad_accum = args.grad_accum or max(1, recipe["batch"] // args.batch_size)
+    args.eval_every = args.eval_every or max(1, args.max_steps // 10)
+    args.eval_tokens = args.eval_tokens or recipe["eval_tokens"]
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.out_dir = args.out_dir or os.path.join("out", f"{args.model}-{args.method}")
+    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_every", "eval_tokens", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.lr > 0:
+        p.error("--lr must be > 0")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# data: packed token streams from data/prepare.py
+
+
+class TokenData:
+    """One split of a packed token stream. Batch (step, micro) is a pure function of the seed, so
+    a resumed run sees exactly the windows the uninterrupted one would have seen."""
+
+    def __init__(self, folder, split, meta):
+        path = os.path.join(folder, f"{split}.bin")
+        expected = meta[f"{split}_tokens"]
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        if size != expected * np.dtype(meta["dtype"]).itemsize:
+            sys.exit(f"error: {path} is missing or has the wrong size ({size} bytes; meta.json says {expected} "
+                     f"{meta['dtype']} tokens): the data is incomplete or corrupt. Delete {folder} and prepare "
+                     f"it again (python data/prepare.py ...).")
+        self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+
+    def random_batch(self, step, micro, batch_size, seq_len, seed, device):
+        rng = np.random.default_rng([seed, step, micro])  # independent stream per (seed, step, micro)
+        starts = rng.integers(0, len(self.tokens) - seq_len - 1, size=batch_size)
+        return self._windows(starts, seq_len, device)
+
+    def eval_batches(self, n_tokens, batch_size, seq_len, device):
+        """The first n_tokens of the split as consecutive windows: the same for every eval."""
+        n_windows = max(1, min(n_tokens, len(self.tokens) - 1) // seq_len)
+        starts = [i * seq_len for i in range(n_windows)]
+        for i in range(0, n_windows, batch_size):
+            yield self._windows(starts[i:i + batch_size], seq_len, device)
+
+    def _windows(self, starts, seq_len, device):
+        rows = torch.from_numpy(np.stack([self.tokens[s:s + seq_len + 1].astype(np.int64) for s in starts]))
+        return rows[:, :-1].to(device), rows[:, 1:].to(device)  # inputs, targets: (B, T) each
+
+
+def load_data(args):
+    meta_path = os.path.join(args.data, "meta.json")
+    if not os.path.exists(meta_path):
+        if os.path.abspath(args.data) != DEFAULT_DATA:
+            sys.exit(f"error: no prepared data at {args.data} (no meta.json). Prepare it with "
+                     f"`python data/prepare.py ...`, or leave out --data to use the offline default.")
+        print(f"no data at {args.data}: preparing the offline default (Python's standard library source)")
+        from data.prepare import prepare_stdlib
+        prepare_stdlib(args.data)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot read {meta_path} ({e}): delete {args.data} and prepare it again.")
+    train, val = TokenData(args.data, "train", meta), TokenData(args.data, "val", meta)
+    if len(train.tokens) <= args.seq_len + 1 or len(val.tokens) <= args.seq_len + 1:
+        sys.exit(f"error: the data at {args.data} is shorter than one sequence of {args.seq_len} tokens")
+    return meta, train, val
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def build_model(args, vocab_size, device):
+    """Build on the meta device (no memory), swap in the block layers, then materialise."""
+    cfg = replace(CONFIGS[args.model], vocab_size=vocab_size, max_seq_len=args.seq_len)
+    with torch.device("meta"):
+        model = swap_linears(LLaMA(cfg), args.method, args.rank, args.delta, args.alpha, seed=args.seed)
+    if device != "meta":
+        model.to_empty(device=device)
+        model.init_weights(seed=args.seed)
+    return model
+
+
+def estimate(model):
+    """Parameter counts and the paper's memory estimate: bf16 weights (2 B per parameter), two bf16
+    Adam moments per trainable parameter (4 B) and int64 support indices (8 B per nonzero)."""
+    total, trainable = count_params(model)
+    nnz = sum(m.nnz for m in model.modules() if isinstance(m, SLLinear))
+    return dict(params_total=total, params_trainable=trainable, support_nnz=nnz,
+                est_memory_gb=round((2 * total + 4 * trainable + 8 * nnz) / 1e9, 4))
+
+
+def dry_run(args):
+    vocab = args.vocab_size
+    if vocab is None:
+        meta_path = os.path.join(args.data, "meta.json")
+        vocab = json.load(open(meta_path))["vocab_size"] if os.path.exists(meta_path) else 32000
+    est = estimate(build_model(args, vocab, "meta"))
+    print(f"model {args.model} | method {args.method} | rank {args.rank} delta {args.delta} alpha {args.alpha} "
+          f"| vocab {vocab}")
+    print(f"parameters: {est['params_total'] / 1e6:.2f}M total, {est['params_trainable'] / 1e6:.2f}M trainable, "
+          f"{est['support_nnz'] / 1e6:.2f}M sparse nonzeros")
+    print(f"estimated memory (paper's count: bf16 weights + bf16 Adam moments + int64 indices): "
+          f"{est['est_memory_gb']:.2f} GB")
+    print(json.dumps(dict(model=args.model, method=args.method, vocab_size=vocab, **est)))
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written to a temp file, flushed to disk, then renamed over the old one, so a crash
+# at any moment leaves either the old checkpoint or the new one, never a torn file.
+
+
+def save_checkpoint(path, model, optimizer, step, args):
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                 config=vars(args), model_config=asdict(model.cfg),
+                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+                 data_position=dict(step=step, micro_steps_per_step=args.grad_accum))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, optimizer, args):
+    if not os.path.exists(path):
+        sys.exit(f"error: --resume but no checkpoint at {path}: leave out --resume to start fresh, "
+                 f"or point --out-dir at the run to continue.")
+    try:
+        state = torch.load(path, map_location=args.device, weights_only=False)
+    except Exception as e:
+        sys.exit(f"error: the checkpoint {path} is unreadable ({type(e).__name__}: {e}). It is corrupt or "
+                 f"truncated: restore a copy, or move it away and start fresh without --resume.")
+    mismatch = [f"--{k.replace('_', '-')} {state['config'].get(k)} (asked: {getattr(args, k)})"
+                for k in MODEL_KEYS if state["config"].get(k) != getattr(args, k)]
+    if mismatch:
+        sys.exit(f"error: the checkpoint {path} was written for another model: {', '.join(mismatch)}. "
+                 f"Resume with the checkpoint's flags, or use another --out-dir for a new run.")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+
+def lr_at(step, args):
+    """Linear warmup to --lr, then cosine down to 0.1 x lr at max-steps (the paper's schedule)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.max_steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, val, args, autocast):
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in val.eval_batches(args.eval_tokens, args.batch_size, args.seq_len, args.device):
+        with autocast:
+            _, loss = model(x, y)
+        total, n = total + loss.item() * x.numel(), n + x.numel()
+    model.train()
+    return total / n
+
+
+def stop_if_not_finite(loss, split, step, ckpt_path, record):
+    """A NaN/Inf loss means the weights (or this batch) are broken: stop without writing a
+    checkpoint, so the last good one is never overwritten."""
+    if math.isfinite(loss):
+        return
+    record(type="error", step=step, split=split, loss=loss, message="non-finite loss")
+    kept = f"the last good checkpoint, {ckpt_path}, is untouched" if os.path.exists(ckpt_path) else \
+        "no checkpoint had been written yet"
+    sys.exit(f"error: the {split} loss is {loss} at step {step}; {kept}. Try a lower --lr, a longer --warmup, "
+             f"--grad-clip 1.0 or --dtype float32, then continue with --resume (or start again).")
+
+
+def peak_memory_gb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KB -> GB (process RSS)
+
+
+def run_info():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    return dict(argv=sys.argv, commit=commit, torch=torch.__version__, python=platform.python_version(),
+                device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor())
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    torch.manual_seed(args.seed)
+    meta, train_data, val_data = load_data(args)
+    vocab = args.vocab_size or meta["vocab_size"]
+    if vocab < meta["vocab_size"]:
+        sys.exit(f"error: --vocab-size {vocab} is smaller than the data's vocabulary ({meta['vocab_size']})")
+    args.vocab_size = vocab
+
+    model = build_model(args, vocab, args.device)
+    est = estimate(model)
+    print(f"{args.model} {args.method}: {est['params_total'] / 1e6:.2f}M parameters "
+          f"({est['params_trainable'] / 1e6:.2f}M trainable), {vocab} vocab, on {args.device} in {args.dtype}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
+    step = load_checkpoint(ckpt_path, model, optimizer, args) if args.resume else 0
+    log = open(log_path, "a" if args.resume else "w")
+
+    def record(**kv):
+        log.write(json.dumps(kv) + "\n")
+        log.flush()
+
+    record(type="config", resumed_from=step if args.resume else None, **vars(args), **est,
+           model_config=asdict(model.cfg), data_meta=meta, **run_info())
+    autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.dtype),
+                              enabled=args.dtype != "float32")
+    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
+    print(f"{tokens_per_step:,} tokens per step ({args.batch_size} x {args.grad_accum} x {args.seq_len}), "
+          f"{args.max_steps} steps from step {step}; logging to {log_path}")
+    t_start, interval_time, interval_steps = time.time(), 0.0, 0  # tokens/s counts training time only
+    while step < args.max_steps:
+        t_step = time.time()
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=args.device)
+        for micro in range(args.grad_accum):
+            x, y = train_data.random_batch(step, micro, args.batch_size, args.seq_len, args.seed, args.device)
+            with autocast:
+                _, loss = model(x, y)
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.detach()
+        train_loss = loss_sum.item() / args.grad_accum
+        stop_if_not_finite(train_loss, "train", step, ckpt_path, record)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        interval_time, interval_steps = interval_time + time.time() - t_step, interval_steps + 1
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            tok_s = tokens_per_step * interval_steps / interval_time
+            eta = (args.max_steps - step) * interval_time / interval_steps
+            mem = peak_memory_gb(args.device)
+            print(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                  f"peak mem {mem:.2f} GB | eta {eta / 60:.1f} min")
+            record(type="train", step=step, loss=train_loss, lr=lr, tokens_per_s=tok_s, peak_mem_gb=mem,
+                   elapsed_s=time.time() - t_start)
+            interval_time, interval_steps = 0.0, 0
+        if step % args.eval_every == 0 or step == args.max_steps:
+            val_loss = evaluate(model, val_data, args, autocast)
+            stop_if_not_finite(val_loss, "val", step, ckpt_path, record)
+            print(f"eval step {step}: val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+            record(type="eval", step=step, val_loss=val_loss, val_ppl=math.exp(val_loss))
+            save_checkpoint(ckpt_path, model, optimizer, step, args)
+    log.close()
+    return model
+
+
+if __name__ == "__main__":
+    main()
