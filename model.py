@@ -135,14 +135,11 @@ class LLaMA(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed=0):
-        """Initialise every parameter and buffer: dense weights N(0, 0.02), norms 1, RoPE
-        tables, and SL layers by their own reset_parameters (support from the layer's seed)."""
+        """Initialise every parameter and buffer, module by module in a fixed order from one seed."""
         torch.manual_seed(seed)
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif hasattr(module, "reset_parameters") and module is not self:
-                module.reset_parameters()
+            if module is not self:
+                init_module(module)
         return self
 
     def forward(self, idx, targets=None):
@@ -157,6 +154,16 @@ class LLaMA(nn.Module):
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss
+
+
+@torch.no_grad()
+def init_module(module):
+    """One module's own tensors: dense weights N(0, 0.02), norms 1, RoPE tables, and SL layers by
+    their reset_parameters (support from the layer's seed). Children are left alone."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    elif hasattr(module, "reset_parameters"):
+        module.reset_parameters()
 
 
 def count_params(model):
