@@ -137,8 +137,19 @@ class SLLinear(nn.Module):
             except ImportError:
                 sl_linear = None
             if sl_linear is not None:
-                return sl_linear(x, self.A, self.B, self.values, self.indices, self.scale)
+                return sl_linear(x, self.A, self.B, self.values, self.indices, self.scale,
+                                 layout=self.support_layout())
         return SLLinearFunction.apply(x, self.A, self.B, self.values, self.indices, self.scale)
+
+    def support_layout(self):
+        """The support in the order the kernels read it (kernels.SupportLayout), built once and
+        rebuilt only when `indices` is rewritten (reset_parameters, load_state_dict) or moved."""
+        from kernels import SupportLayout
+        key = (self.indices.device, self.indices.data_ptr(), self.indices._version)
+        if getattr(self, "_layout_key", None) != key:  # a plain attribute: never saved, never moved
+            self._layout = SupportLayout(self.indices, self.out_features, self.in_features)
+            self._layout_key = key
+        return self._layout
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "

@@ -1,0 +1,354 @@
+"""
+Triton kernels for SLTrain's sparse plus low-rank layer, y = x W^T with W = scale * B A + S.
+
+Shapes: x (T, in) with T tokens, A (r, in), B (out, r), S (out, in) with nnz = delta*out*in
+entries on a fixed support; `values` (nnz,) holds S at `indices` (sorted flat row-major
+positions i*in + j). Gradients, with dy = dL/dy (T, out):
+
+    dx = dy W = scale * (dy B) A + dy S              (T, in)
+    dA = scale * B^T dy^T x = (scale dy B)^T x      (r, in)
+    dB = scale * dy^T x A^T = scale dy^T (x A^T)    (out, r)
+    dvalues[e] = (dy^T x)[i_e, j_e] = sum_t dy[t, i_e] x[t, j_e]    for entry e = (i_e, j_e)
+
+Two routes compute the same thing.
+  Dense route (sltrain.SLLinearFunction, the public code's way): densify W, one dense matmul;
+  backward re-densifies and forms the dense G = dy^T x (out, in) to read dA, dB, dvalues.
+  Factorized route (this file): never form W or G:
+      forward   z = x A^T (T, r);  y = scale * z B^T  +  x S^T
+      backward  dz = scale * dy B (T, r);  dx = dz A + dy S;  dA = dz^T x;  dB = scale * dy^T z;
+                dvalues = (dy^T x) sampled at the support.
+  The four low-rank products are cuBLAS matmuls. The three sparse products are the kernels:
+      spmm_kernel    out += src M^T for a sparse M in CSR form:  y += x S^T  (M = S)
+                                                                 dx += dy S  (M = S^T)
+      sddmm_kernel   dvalues[e] += sum_t dy^T[i_e, t] x^T[j_e, t]    (a sampled dense product)
+
+Layout (SupportLayout, built once per layer; 4 bytes per nnz plus 4 (in + out + 2)):
+  `indices` is row-major sorted, so it already is S in CSR order: row i owns entries
+  row_ptr[i]:row_ptr[i+1] and `values` needs no permutation. S^T in CSR order is the same
+  entries sorted by column: col_order (nnz,) lists entry positions column by column (rows
+  ascending) and col_ptr (in+1,) delimits the columns. Kernels decode i = idx // in and
+  j = idx % in from `indices` itself, so no extra row/column arrays are stored.
+Gathers run along tokens: the kernels read x^T (in, T) and dy^T (out, T), so the operand row
+of entry e is a contiguous run of BLOCK_T tokens (a full cache line in bf16 for BLOCK_T=64).
+The transposes are made TOKEN_CHUNK tokens at a time and freed at once. Loads are converted to
+fp32 (fp64 for fp64 inputs) before any arithmetic, accumulation is fp32, every edge is masked.
+
+Cost per layer and micro-batch, counting multiply-adds (1 MAC = 2 FLOPs):
+  dense nn.Linear fwd+bwd:   3 T in out                       tensor cores
+  dense route:               3 T in out + 4 in out r          tensor cores (+ densify passes)
+  factorized route:          3 T r (in + out)                 tensor cores
+                           + 3 T nnz = 3 delta T in out       CUDA cores, gathered operands
+Bytes: each sparse product gathers T*nnz operand elements (2 bytes each in bf16), one MAC per
+element, with no reuse in registers; so the sparse kernels are bound by the gather bandwidth
+of L1/L2 (~1 MAC per 2 bytes), not by arithmetic. With f = (sustained sparse FLOP/s) /
+(dense bf16 matmul FLOP/s), the ratios to dense nn.Linear are
+  dense route  1 + 4r / (3T)        factorized route  r (in+out)/(in out) + delta / f
+At T = 8192 (break-even f is the f at which the factorized route equals dense nn.Linear):
+  | layer               | in:out     | gathered/product | dense route | low-rank | break-even f | at f=.02 / .04 |
+  | 1b q/k/v/o          | 2048:2048  |  2.1 GB          | 1.08        | 0.50     | 0.060        | 2.00 / 1.25    |
+  | 1b gate, up, down   | 2048:5461  |  5.5 GB          | 1.08        | 0.34     | 0.046        | 1.84 / 1.09    |
+  | 7b q/k/v/o          | 4096:4096  | 13.7 GB          | 1.17        | 0.50     | 0.100        | 3.00 / 1.75    |
+  | 7b gate, up, down   | 4096:11008 | 36.9 GB          | 1.17        | 0.34     | 0.076        | 2.84 / 1.59    |
+An H100 matmul sustains ~650 bf16 TFLOP/s; gathers served at L2 speed (~5-10 TB/s) give
+~5-10 TFLOP/s (f ~ .01), at L1 speed (~20-30 TB/s) ~20-30 TFLOP/s (f ~ .04). Tensor cores cannot
+rescue it: a dense tile of S at 3-5% density costs the whole tile product, so tl.dot on
+densified tiles gives f ~ delta at best (each sparse product as dear as a dense one, a ratio
+of low-rank + 1 > 1). The model therefore predicts the factorized route
+beats dense nn.Linear at training shapes only if the sparse kernels sustain f >= .05-.10; it
+wins at small T (decoding, small micro-batches), where the dense route's 4 in out r densify
+cost dominates. `python kernels.py --bench` measures f; set SPARSE_SPEED from it.
+Memory: nothing of size (out, in), ever. Saved for backward besides the inputs: z = x A^T
+(T, r). Workspace: TOKEN_CHUNK (in + out) transposed elements, dz (T, r), dvalues in fp32.
+At T = 8192, bf16: 7b gate/up 31 + 17 MB vs the dense weight's 90 MB; 7b q/k/v/o 17 + 17 vs
+34 MB; 1b q/k/v/o 8 + 8 vs 8 MB (there z alone is as large as W).
+
+Routes: sl_linear(..., route=) with "dense", "triton" or "auto" (the default, or the
+SLTRAIN_ROUTE environment variable): on CPU auto is the PyTorch dense route; on CUDA it is the
+cheaper route by the model above. Tests force "triton" on CPU through TRITON_INTERPRET=1.
+"""
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+ROUTE = os.environ.get("SLTRAIN_ROUTE", "auto")  # "auto" | "dense" | "triton"
+SPARSE_SPEED = 0.02  # f above: sparse-kernel FLOP/s over dense matmul FLOP/s (a guess; --bench measures it)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    BLOCK_ROWS: int = 32  # rows of the sparse matrix per program (out for y and dvalues, in for dx)
+    BLOCK_T: int = 64  # tokens per gathered row segment
+    TOKENS_PER_PROGRAM: int = 256  # tokens one sddmm program reduces over (a multiple of BLOCK_T)
+    TOKEN_CHUNK: int = 1024  # tokens transposed at a time: bounds the workspace
+    num_warps: int = 4
+
+
+# -----------------------------------------------------------------------------
+# the support, laid out once
+
+
+class SupportLayout:
+    """CSR of S (row_ptr) and of S^T (col_ptr, col_order), derived from sorted flat `indices`."""
+
+    def __init__(self, indices, out_features, in_features):
+        idx = indices.long()
+        rows, cols = idx // in_features, idx % in_features
+        zero = torch.zeros(1, dtype=torch.long, device=idx.device)
+        # entries of row i: [row_ptr[i], row_ptr[i+1]); `indices` is sorted, so rows are contiguous
+        self.row_ptr = torch.cat([zero, torch.bincount(rows, minlength=out_features).cumsum(0)]).int()  # (out+1,)
+        # S^T: entries sorted by column, rows ascending inside a column (stable sort of a row-major list)
+        self.col_order = torch.argsort(cols, stable=True).int()  # (nnz,) positions into indices/values
+        self.col_ptr = torch.cat([zero, torch.bincount(cols, minlength=in_features).cumsum(0)]).int()  # (in+1,)
+        self.out_features, self.in_features, self.nnz = out_features, in_features, idx.numel()
+
+
+# -----------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def spmm_kernel(out_ptr, src_t_ptr, values_ptr, indices_ptr, ptr_ptr, order_ptr,
+                T, n_rows, n_in, stride_out, stride_src,
+                TRANSPOSED: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """out[t, g] += sum_{e in row g of M} M_e * src^T[c_e, t], for BLOCK_ROWS rows g x BLOCK_T tokens t.
+
+    M = S  (TRANSPOSED=False): g = row i of S, c_e = its column j_e,  src^T = x^T:  y  += x S^T
+    M = S^T (TRANSPOSED=True): g = column j,   c_e = its row i_e,     src^T = dy^T: dx += dy S
+    out (T, n_rows) holds the low-rank part already; src_t (n_cols, T) is token-contiguous.
+    """
+    g = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) rows of M
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) tokens
+    g_ok, t_ok = g < n_rows, t < T
+    start = tl.load(ptr_ptr + g, mask=g_ok, other=0)  # row g of M is entries start..end-1
+    end = tl.load(ptr_ptr + g + 1, mask=g_ok, other=0)
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_T), ACC)
+    for k in range(0, tl.max(end - start, axis=0)):  # the k-th entry of every row at once
+        live = start + k < end  # rows with fewer than k+1 entries sit this step out
+        if TRANSPOSED:
+            e = tl.load(order_ptr + start + k, mask=live, other=0)  # S^T's k-th entry -> position in S
+            c = tl.load(indices_ptr + e, mask=live, other=0) // n_in  # its row i_e
+        else:
+            e = start + k
+            c = tl.load(indices_ptr + e, mask=live, other=0) % n_in  # its column j_e
+        m = tl.load(values_ptr + e, mask=live, other=0).to(ACC)  # (BLOCK_ROWS,) M_e
+        src = tl.load(src_t_ptr + c.to(tl.int64)[:, None] * stride_src + t[None, :],
+                      mask=live[:, None] & t_ok[None, :], other=0).to(ACC)  # (BLOCK_ROWS, BLOCK_T) gathered rows
+        acc += m[:, None] * src
+    out = out_ptr + t[None, :].to(tl.int64) * stride_out + g[:, None]  # out[t, g] seen as (BLOCK_ROWS, BLOCK_T)
+    mask = g_ok[:, None] & t_ok[None, :]
+    total = tl.load(out, mask=mask, other=0).to(ACC) + acc
+    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def sddmm_kernel(dvalues_ptr, dy_t_ptr, x_t_ptr, indices_ptr, row_ptr_ptr,
+                 T, n_out, n_in, stride_dy, stride_x,
+                 ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, TOKENS_PER_PROGRAM: tl.constexpr):
+    """dvalues[e] += sum_t dy^T[i_e, t] x^T[j_e, t] over this program's TOKENS_PER_PROGRAM tokens,
+    for the entries of BLOCK_ROWS rows i of S. Programs over other token ranges add atomically."""
+    i = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) rows of S
+    t_first = tl.program_id(1) * TOKENS_PER_PROGRAM
+    i_ok = i < n_out
+    start = tl.load(row_ptr_ptr + i, mask=i_ok, other=0)
+    end = tl.load(row_ptr_ptr + i + 1, mask=i_ok, other=0)
+    dy_rows = dy_t_ptr + i.to(tl.int64)[:, None] * stride_dy
+    for k in range(0, tl.max(end - start, axis=0)):  # the k-th entry of every row at once
+        e = start + k
+        live = e < end
+        j = tl.load(indices_ptr + e, mask=live, other=0) % n_in  # (BLOCK_ROWS,) its column
+        x_rows = x_t_ptr + j.to(tl.int64)[:, None] * stride_x
+        acc = tl.zeros((BLOCK_ROWS,), ACC)
+        for t0 in range(0, TOKENS_PER_PROGRAM, BLOCK_T):
+            t = t_first + t0 + tl.arange(0, BLOCK_T)
+            mask = live[:, None] & (t < T)[None, :]
+            dy = tl.load(dy_rows + t[None, :], mask=mask, other=0).to(ACC)  # (BLOCK_ROWS, BLOCK_T), cache-hot across k
+            x = tl.load(x_rows + t[None, :], mask=mask, other=0).to(ACC)  # (BLOCK_ROWS, BLOCK_T) gathered
+            acc += tl.sum(dy * x, axis=1)
+        tl.atomic_add(dvalues_ptr + e, acc, mask=live)
+
+
+# -----------------------------------------------------------------------------
+# launchers: token chunks, transposes, grids
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def sparse_matmul(out, src, values, indices, ptr, order, n_in, blocks):
+    """out += src M^T in place (see spmm_kernel); out (T, n_rows), src (T, n_cols)."""
+    T, n_rows = out.shape
+    for t0 in range(0, T, blocks.TOKEN_CHUNK):
+        out_c = out[t0:t0 + blocks.TOKEN_CHUNK]  # (Tc, n_rows) view
+        src_t = src[t0:t0 + blocks.TOKEN_CHUNK].t().contiguous()  # (n_cols, Tc), freed after the launch
+        grid = (triton.cdiv(n_rows, blocks.BLOCK_ROWS), triton.cdiv(out_c.shape[0], blocks.BLOCK_T))
+        spmm_kernel[grid](out_c, src_t, values, indices, ptr, ptr if order is None else order,
+                          out_c.shape[0], n_rows, n_in, out_c.stride(0), src_t.stride(0),
+                          TRANSPOSED=order is not None, ACC=_acc(out.dtype),
+                          BLOCK_ROWS=blocks.BLOCK_ROWS, BLOCK_T=blocks.BLOCK_T, num_warps=blocks.num_warps)
+
+
+def sampled_dense(dy, x, indices, row_ptr, n_in, blocks, dtype):
+    """dvalues[e] = (dy^T x)[i_e, j_e] (see sddmm_kernel), accumulated in `dtype` (fp32 or fp64)."""
+    (T, n_out), nnz = dy.shape, indices.numel()
+    dvalues = torch.zeros(nnz, dtype=dtype, device=dy.device)
+    assert blocks.TOKENS_PER_PROGRAM % blocks.BLOCK_T == 0
+    for t0 in range(0, T, blocks.TOKEN_CHUNK):
+        dy_t = dy[t0:t0 + blocks.TOKEN_CHUNK].t().contiguous()  # (out, Tc)
+        x_t = x[t0:t0 + blocks.TOKEN_CHUNK].t().contiguous()  # (in, Tc)
+        grid = (triton.cdiv(n_out, blocks.BLOCK_ROWS), triton.cdiv(dy_t.shape[1], blocks.TOKENS_PER_PROGRAM))
+        sddmm_kernel[grid](dvalues, dy_t, x_t, indices, row_ptr, dy_t.shape[1], n_out, n_in,
+                           dy_t.stride(0), x_t.stride(0), ACC=_acc(dtype), BLOCK_ROWS=blocks.BLOCK_ROWS,
+                           BLOCK_T=blocks.BLOCK_T, TOKENS_PER_PROGRAM=blocks.TOKENS_PER_PROGRAM,
+                           num_warps=blocks.num_warps)
+    return dvalues
+
+
+# -----------------------------------------------------------------------------
+# the factorized route as an autograd function, and the entry point
+
+
+class SLLinearTriton(torch.autograd.Function):
+    """y = scale * (x A^T) B^T + x S^T, never forming W; saves (x, A, B, values, indices, z = x A^T)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, values, indices, scale, layout, blocks):
+        # autocast: compute in its dtype with autocast off inside, as SLLinearFunction does
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (T, in)
+            z = x2 @ A.to(dtype).t()  # (T, r)
+            y = (z * scale) @ B.to(dtype).t()  # (T, out), the low-rank part
+            if layout.nnz and x2.shape[0]:
+                sparse_matmul(y, x2, values, indices, layout.row_ptr, None, layout.in_features, blocks)  # y += x S^T
+        ctx.save_for_backward(x2, A, B, values, indices, z)
+        ctx.scale, ctx.layout, ctx.blocks, ctx.x_shape = scale, layout, blocks, x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, A, B, values, indices, z = ctx.saved_tensors
+        scale, layout, blocks = ctx.scale, ctx.layout, ctx.blocks
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)  # (T, out)
+        A_, B_ = A.to(x2.dtype), B.to(x2.dtype)
+        sparse = layout.nnz and x2.shape[0]
+        dz = (dy2 @ B_).mul_(scale)  # (T, r) = scale * dy B
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            dx = dz @ A_  # (T, in), the low-rank part
+            if sparse:  # dx += dy S, S read column by column
+                sparse_matmul(dx, dy2, values, indices, layout.col_ptr, layout.col_order, layout.in_features, blocks)
+            dx = dx.reshape(ctx.x_shape)
+        dA = (dz.t() @ x2).to(A.dtype)  # (r, in)
+        dB = (dy2.t() @ z).mul_(scale).to(B.dtype)  # (out, r)
+        if ctx.needs_input_grad[3]:
+            acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+            dvalues = (sampled_dense(dy2, x2, indices, layout.row_ptr, layout.in_features, blocks, acc) if sparse
+                       else torch.zeros_like(values, dtype=acc)).to(values.dtype)
+        return dx, dA, dB, dvalues, None, None, None, None
+
+
+def choose_route(T, in_features, out_features, rank, nnz):
+    """The cheaper route by the cost model above, in tensor-core multiply-adds."""
+    dense_route = 3 * T * in_features * out_features + 4 * in_features * out_features * rank
+    factorized = 3 * T * rank * (in_features + out_features) + 3 * T * nnz / SPARSE_SPEED
+    return "triton" if factorized < dense_route else "dense"
+
+
+def sl_linear(x, A, B, values, indices, scale, layout=None, route=None, blocks=None):
+    """y = x (scale * B A + S)^T for x (..., in), differentiable in x, A, B and values.
+
+    route: "dense" (sltrain.SLLinearFunction), "triton" (SLLinearTriton) or "auto"; None means
+    the module's ROUTE. layout: the layer's SupportLayout (built here when None).
+    """
+    route = route or ROUTE
+    if route == "auto":
+        T = x.numel() // x.shape[-1]
+        route = choose_route(T, A.shape[1], B.shape[0], A.shape[0], values.numel()) if x.is_cuda else "dense"
+    if route == "dense":
+        from sltrain import SLLinearFunction  # sltrain imports this module lazily; no cycle at import time
+        return SLLinearFunction.apply(x, A, B, values, indices, scale)
+    if route != "triton":
+        raise ValueError(f"route must be 'auto', 'dense' or 'triton', got {route!r}")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the triton route on CPU tensors needs TRITON_INTERPRET=1 set before importing kernels")
+    layout = layout if layout is not None else SupportLayout(indices, B.shape[0], A.shape[1])
+    return SLLinearTriton.apply(x, A, B, values, indices, scale, layout, blocks or Blocks())
+
+
+# -----------------------------------------------------------------------------
+# benchmark: python kernels.py --bench (a CUDA GPU only)
+
+SHAPES = {  # name: (dim, ffn, rank, delta)
+    "60m": (512, 1376, 128, 0.03), "130m": (768, 2048, 256, 0.03), "350m": (1024, 2736, 256, 0.03),
+    "1b": (2048, 5461, 512, 0.03), "7b": (4096, 11008, 1024, 0.05),
+}
+
+
+def bench(T=8192, dtype=torch.bfloat16):
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+    from sltrain import SLLinear, SLLinearFunction
+
+    dense_tflops = []
+    print(f"T={T} tokens, {dtype}, {torch.cuda.get_device_name()}; times in ms for dense nn.Linear, "
+          f"ratios to it for the dense route (route) and the Triton path (triton); memory = peak extra MB of fwd+bwd")
+    print(f"{'model':5} {'layer':8} {'in':>5} {'out':>5} | {'fwd ms':>6} {'route':>5} {'triton':>6} | "
+          f"{'bwd ms':>6} {'route':>5} {'triton':>6} | {'f+b ms':>6} {'route':>5} {'triton':>6} | "
+          f"{'mem MB':>6} {'route':>5} {'triton':>6} {'W MB':>5} | sparse TFLOP/s y dx dvalues | f")
+    for model, (d, ffn, r, delta) in SHAPES.items():
+        for layer, (n_in, n_out) in {"q/k/v/o": (d, d), "gate/up": (d, ffn), "down": (ffn, d)}.items():
+            sl = SLLinear(n_in, n_out, r, delta, alpha=8.0, seed=1).cuda().to(dtype)
+            sl.B.data.normal_(0, 0.02)
+            layout = SupportLayout(sl.indices, n_out, n_in)
+            W = sl.dense_weight().detach().requires_grad_()
+            x = torch.randn(T, n_in, device="cuda", dtype=dtype, requires_grad=True)
+            dy = torch.randn(T, n_out, device="cuda", dtype=dtype)
+            args = (sl.A, sl.B, sl.values, sl.indices, sl.scale)
+            routes = {"dense": lambda: F.linear(x, W), "route": lambda: SLLinearFunction.apply(x, *args),
+                      "triton": lambda: sl_linear(x, *args, layout=layout, route="triton")}
+            row = {}
+            for name, fn in routes.items():
+                params = [x, W] if name == "dense" else [x, sl.A, sl.B, sl.values]
+
+                def fwd_bwd():
+                    for p in params:
+                        p.grad = None
+                    fn().backward(dy)
+                fwd, both = do_bench(fn), do_bench(fwd_bwd)
+                for p in params:
+                    p.grad = None
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                fwd_bwd()
+                torch.cuda.synchronize()
+                row[name] = (fwd, both - fwd, both, (torch.cuda.max_memory_allocated() - base) / 1e6)
+            dense_tflops.append(2 * T * n_in * n_out / row["dense"][0] / 1e9)
+            blocks, x2, dy2 = Blocks(), x.detach(), dy
+            flop = 2 * T * layout.nnz / 1e9  # per sparse product, in GFLOP (ms -> TFLOP/s)
+            t_y = do_bench(lambda: sparse_matmul(torch.zeros_like(dy2), x2, sl.values, sl.indices, layout.row_ptr, None, n_in, blocks))
+            t_dx = do_bench(lambda: sparse_matmul(torch.zeros_like(x2), dy2, sl.values, sl.indices, layout.col_ptr, layout.col_order, n_in, blocks))
+            t_dv = do_bench(lambda: sampled_dense(dy2, x2, sl.indices, layout.row_ptr, n_in, blocks, torch.float32))
+            sparse = [flop / t for t in (t_y, t_dx, t_dv)]
+            f = (3 * flop / (t_y + t_dx + t_dv)) / dense_tflops[-1]
+            cells = " | ".join(f"{row['dense'][c]:6.2f} {row['route'][c] / row['dense'][c]:5.2f} "
+                               f"{row['triton'][c] / row['dense'][c]:6.2f}" for c in range(4))
+            print(f"{model:5} {layer:8} {n_in:5} {n_out:5} | {cells} {W.numel() * W.element_size() / 1e6:5.1f} | "
+                  f"{sparse[0]:6.1f} {sparse[1]:6.1f} {sparse[2]:6.1f} | {f:.3f}", flush=True)
+            del sl, W, x, dy, x2, dy2, layout
+    print(f"f = sparse-kernel TFLOP/s over dense nn.Linear forward TFLOP/s (median dense {sorted(dense_tflops)[len(dense_tflops) // 2]:.0f}); "
+          f"set SPARSE_SPEED (now {SPARSE_SPEED}) to the value at your shapes so route='auto' picks the faster route.")
+
+
+if __name__ == "__main__":
+    if "--bench" not in sys.argv[1:]:
+        sys.exit("usage: python kernels.py --bench")
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("kernels.py --bench needs a CUDA GPU and compiled Triton kernels (TRITON_INTERPRET unset); "
+                 "none here, so nothing is measured: interpreter timings are not kernel speed.")
+    bench()
