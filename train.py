@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
+import parallel
 from model import CONFIGS, LLaMA, count_params
 from sltrain import METHODS, SLLinear, swap_linears
 
@@ -63,6 +64,8 @@ def get_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="autocast compute dtype; weights stay fp32 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype the weights are stored in; bfloat16 is the paper's pure-bf16 recipe (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="init, support and data order (default: 0)")
     p.add_argument("--data", default=DEFAULT_DATA, help="folder made by data/prepare.py (default: data/stdlib, "
                    "prepared on first use)")
@@ -70,25 +73,46 @@ def get_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
     p.add_argument("--vocab-size", type=int, help="model vocabulary (default: the data's)")
     p.add_argument("--dry-run", action="store_true", help="count parameters and estimate memory, then exit")
+    p.add_argument("--stop-at-step", type=int, help="checkpoint and exit at this step (split a run across jobs)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="torch AdamW, or AdamW with 8-bit block-wise quantized moments (optim.py)")
+    p.add_argument("--per-layer", action="store_true", help="step each parameter inside backward and free its "
+                   "gradient at once (optim.py); no full gradient buffer")
+    p.add_argument("--dist", choices=["none", "ddp", "fsdp"], help="parallelism (default: none; under torchrun "
+                   "ddp, or fsdp for 1b and 7b)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--gpus", type=int, help="GPUs for the --dry-run memory plan (default: WORLD_SIZE or 1)")
+    p.add_argument("--consolidate", action="store_true", help="with --dist fsdp: gather the newest sharded "
+                   "checkpoint in --out-dir into one <out-dir>/model.pt, then exit")
     args = p.parse_args(argv)
 
     cfg, recipe = CONFIGS[args.model], RECIPES[args.model]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args.dist = args.dist or ("none" if world == 1 else "fsdp" if args.model in ("1b", "7b") else "ddp")
     args.rank = cfg.rank if args.rank is None else args.rank
     args.delta = cfg.delta if args.delta is None else args.delta
     args.alpha = cfg.alpha if args.alpha is None else args.alpha
     args.max_steps = args.max_steps or recipe["steps"]
     args.warmup = max(1, args.max_steps // 10) if args.warmup is None else args.warmup
     args.batch_size = args.batch_size or min(64, recipe["batch"])
-    args.grad_accum = args.grad_accum or max(1, recipe["batch"] // args.batch_size)
+    args.grad_accum = args.grad_accum or max(1, recipe["batch"] // (args.batch_size * world))
     args.eval_every = args.eval_every or max(1, args.max_steps // 10)
     args.eval_tokens = args.eval_tokens or recipe["eval_tokens"]
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.out_dir = args.out_dir or os.path.join("out", f"{args.model}-{args.method}")
+    args.gpus = args.gpus or world
     for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_every", "eval_tokens", "log_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.lr > 0:
         p.error("--lr must be > 0")
+    if args.per_layer and args.grad_clip > 0:
+        p.error("--grad-clip needs the global gradient norm, but --per-layer frees each gradient as soon as its "
+                "parameter is updated: drop one of them")
+    if args.per_layer and args.dist == "ddp":
+        p.error("--per-layer cannot run under DDP: its hooks fire before DDP's gradient all-reduce, so each rank "
+                "would step on its own gradient. Use --dist fsdp (hooks fire on the reduced shard)")
     return args
 
 
@@ -98,7 +122,9 @@ def get_args(argv=None):
 
 class TokenData:
     """One split of a packed token stream. Batch (step, micro) is a pure function of the seed, so
-    a resumed run sees exactly the windows the uninterrupted one would have seen."""
+    a resumed run sees exactly the windows the uninterrupted one would have seen. With N ranks,
+    rank r takes rows [r*B, (r+1)*B) of the same global batch: no overlap between ranks, and the
+    same windows as one process with batch N*B."""
 
     def __init__(self, folder, split, meta):
         path = os.path.join(folder, f"{split}.bin")
@@ -110,16 +136,17 @@ class TokenData:
                      f"it again (python data/prepare.py ...).")
         self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
 
-    def random_batch(self, step, micro, batch_size, seq_len, seed, device):
+    def random_batch(self, step, micro, batch_size, seq_len, seed, device, rank=0, world=1):
         rng = np.random.default_rng([seed, step, micro])  # independent stream per (seed, step, micro)
-        starts = rng.integers(0, len(self.tokens) - seq_len - 1, size=batch_size)
-        return self._windows(starts, seq_len, device)
+        starts = rng.integers(0, len(self.tokens) - seq_len - 1, size=batch_size * world)
+        return self._windows(starts[rank * batch_size:(rank + 1) * batch_size], seq_len, device)
 
-    def eval_batches(self, n_tokens, batch_size, seq_len, device):
-        """The first n_tokens of the split as consecutive windows: the same for every eval."""
+    def eval_batches(self, n_tokens, batch_size, seq_len, device, rank=0, world=1):
+        """The first n_tokens of the split as consecutive windows, the same for every eval; rank r
+        takes windows r, r + N, ..."""
         n_windows = max(1, min(n_tokens, len(self.tokens) - 1) // seq_len)
-        starts = [i * seq_len for i in range(n_windows)]
-        for i in range(0, n_windows, batch_size):
+        starts = [i * seq_len for i in range(rank, n_windows, world)]
+        for i in range(0, len(starts), batch_size):
             yield self._windows(starts[i:i + batch_size], seq_len, device)
 
     def _windows(self, starts, seq_len, device):
@@ -127,15 +154,16 @@ class TokenData:
         return rows[:, :-1].to(device), rows[:, 1:].to(device)  # inputs, targets: (B, T) each
 
 
-def load_data(args):
+def load_data(args, rank):
     meta_path = os.path.join(args.data, "meta.json")
-    if not os.path.exists(meta_path):
-        if os.path.abspath(args.data) != DEFAULT_DATA:
-            sys.exit(f"error: no prepared data at {args.data} (no meta.json). Prepare it with "
-                     f"`python data/prepare.py ...`, or leave out --data to use the offline default.")
+    if not os.path.exists(meta_path) and os.path.abspath(args.data) != DEFAULT_DATA:
+        sys.exit(f"error: no prepared data at {args.data} (no meta.json). Prepare it with "
+                 f"`python data/prepare.py ...`, or leave out --data to use the offline default.")
+    if not os.path.exists(meta_path) and rank == 0:
         print(f"no data at {args.data}: preparing the offline default (Python's standard library source)")
         from data.prepare import prepare_stdlib
         prepare_stdlib(args.data)
+    parallel.barrier()  # other ranks wait for rank 0's preparation
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -147,19 +175,45 @@ def load_data(args):
     return meta, train, val
 
 
+
+
 # -----------------------------------------------------------------------------
-# model
+# model and optimizer
 
 
-def build_model(args, vocab_size, device):
-    """Build on the meta device (no memory), swap in the block layers, then materialise."""
+def build_model(args, vocab_size):
+    """The model on the meta device (no memory) with the block layers swapped in;
+    parallel.parallelize materialises and initialises it."""
     cfg = replace(CONFIGS[args.model], vocab_size=vocab_size, max_seq_len=args.seq_len)
     with torch.device("meta"):
         model = swap_linears(LLaMA(cfg), args.method, args.rank, args.delta, args.alpha, seed=args.seed)
-    if device != "meta":
-        model.to_empty(device=device)
-        model.init_weights(seed=args.seed)
+    for p in model.parameters():  # parameters only: the RoPE tables stay fp32
+        p.data = p.data.to(getattr(torch, args.param_dtype))
     return model
+
+
+def build_optimizer(model, args):
+    """AdamW or AdamW8bit (weight decay 0, as the paper). Embeddings and lm_head keep fp32 state
+    under AdamW8bit (the standard advice for token embeddings). --per-layer gives every parameter
+    its own optimizer, stepped from backward."""
+    from optim import AdamW8bit, PerLayerOptimizer
+
+    def make(params):
+        if args.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        embeddings = {id(model.tok_emb.weight), id(model.lm_head.weight)}
+        groups = [dict(params=[p for p in params if id(p) not in embeddings]),
+                  dict(params=[p for p in params if id(p) in embeddings], fp32_state=True)]
+        return AdamW8bit([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                         weight_decay=0.0)
+
+    if args.per_layer:  # one optimizer per named parameter, stepped by the last micro-step's backward
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # FSDP2 skips the reduce-scatter on all but the last micro-step (parallel.no_sync), and only
+        # then does a shard's gradient (and its hook) arrive: one hook call per step. In one process
+        # every micro-step's backward calls the hook.
+        return PerLayerOptimizer(named, make, grad_accum_steps=1 if args.dist == "fsdp" else args.grad_accum)
+    return make([p for p in model.parameters() if p.requires_grad])
 
 
 def estimate(model):
@@ -176,36 +230,57 @@ def dry_run(args):
     if vocab is None:
         meta_path = os.path.join(args.data, "meta.json")
         vocab = json.load(open(meta_path))["vocab_size"] if os.path.exists(meta_path) else 32000
-    est = estimate(build_model(args, vocab, "meta"))
+    model = build_model(args, vocab)
+    est = estimate(model)
     print(f"model {args.model} | method {args.method} | rank {args.rank} delta {args.delta} alpha {args.alpha} "
           f"| vocab {vocab}")
     print(f"parameters: {est['params_total'] / 1e6:.2f}M total, {est['params_trainable'] / 1e6:.2f}M trainable, "
           f"{est['support_nnz'] / 1e6:.2f}M sparse nonzeros")
     print(f"estimated memory (paper's count: bf16 weights + bf16 Adam moments + int64 indices): "
           f"{est['est_memory_gb']:.2f} GB")
-    print(json.dumps(dict(model=args.model, method=args.method, vocab_size=vocab, **est)))
+    plan = parallel.memory_plan(args, lambda method: build_model(argparse.Namespace(**{**vars(args), "method": method}),
+                                                                 vocab))
+    print(f"\nper-GPU memory of model states on {args.gpus} GPU(s) ({args.param_dtype} weights and gradients, "
+          f"sharded by FSDP2 when > 1; support indices on every GPU):")
+    for name, gb in plan["model_states_gb"].items():
+        print(f"  {name:<36} {gb:8.2f} GB")
+    for name, gb in plan["activations_gb_per_sequence"].items():
+        print(f"activations per sequence of {args.seq_len} tokens, {name}: {gb:.3f} GB")
+    print(json.dumps(dict(model=args.model, method=args.method, vocab_size=vocab, gpus=args.gpus, **est, **plan)))
 
 
 # -----------------------------------------------------------------------------
 # checkpoints: written to a temp file, flushed to disk, then renamed over the old one, so a crash
-# at any moment leaves either the old checkpoint or the new one, never a torn file.
+# at any moment leaves either the old checkpoint or the new one, never a torn file. Under FSDP2
+# every rank writes its shard (parallel.save_sharded) and a pointer file names the newest.
 
 
-def save_checkpoint(path, model, optimizer, step, args):
+def save_checkpoint(args, rank, model, optimizer, step):
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                  config=vars(args), model_config=asdict(model.cfg),
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
                  data_position=dict(step=step, micro_steps_per_step=args.grad_accum))
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if args.dist == "fsdp":
+        return parallel.save_sharded(args.out_dir, state, step)
+    if rank == 0:
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    parallel.barrier()
 
 
-def load_checkpoint(path, model, optimizer, args):
+def checkpoint_path(args):
+    if args.dist == "fsdp":
+        return parallel.sharded_path(args.out_dir) or os.path.join(args.out_dir, "latest-sharded")
+    return os.path.join(args.out_dir, "ckpt.pt")
+
+
+def load_checkpoint(args, model, optimizer):
+    path = checkpoint_path(args)
     if not os.path.exists(path):
         sys.exit(f"error: --resume but no checkpoint at {path}: leave out --resume to start fresh, "
                  f"or point --out-dir at the run to continue.")
@@ -220,7 +295,8 @@ def load_checkpoint(path, model, optimizer, args):
         sys.exit(f"error: the checkpoint {path} was written for another model: {', '.join(mismatch)}. "
                  f"Resume with the checkpoint's flags, or use another --out-dir for a new run.")
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
@@ -242,24 +318,27 @@ def lr_at(step, args):
 
 
 @torch.no_grad()
-def evaluate(model, val, args, autocast):
+def evaluate(model, val, args, autocast, rank, world):
+    """Mean loss over the fixed val windows, summed across ranks."""
     model.eval()
-    total, n = 0.0, 0
-    for x, y in val.eval_batches(args.eval_tokens, args.batch_size, args.seq_len, args.device):
+    totals = torch.zeros(2, dtype=torch.float64, device=args.device)  # (sum of losses, tokens)
+    for x, y in val.eval_batches(args.eval_tokens, args.batch_size, args.seq_len, args.device, rank, world):
         with autocast:
             _, loss = model(x, y)
-        total, n = total + loss.item() * x.numel(), n + x.numel()
+        totals += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=args.device)])
     model.train()
-    return total / n
+    totals = parallel.all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
 
 
-def stop_if_not_finite(loss, split, step, ckpt_path, record):
+def stop_if_not_finite(loss, split, step, args, record):
     """A NaN/Inf loss means the weights (or this batch) are broken: stop without writing a
     checkpoint, so the last good one is never overwritten."""
     if math.isfinite(loss):
         return
     record(type="error", step=step, split=split, loss=loss, message="non-finite loss")
-    kept = f"the last good checkpoint, {ckpt_path}, is untouched" if os.path.exists(ckpt_path) else \
+    path = checkpoint_path(args)
+    kept = f"the last good checkpoint, {path}, is untouched" if os.path.exists(path) else \
         "no checkpoint had been written yet"
     sys.exit(f"error: the {split} loss is {loss} at step {step}; {kept}. Try a lower --lr, a longer --warmup, "
              f"--grad-clip 1.0 or --dtype float32, then continue with --resume (or start again).")
@@ -285,50 +364,61 @@ def main(argv=None):
     args = get_args(argv)
     if args.dry_run:
         return dry_run(args)
+    rank, world = parallel.setup(args)
+    say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    meta, train_data, val_data = load_data(args)
+    meta, train_data, val_data = load_data(args, rank)
     vocab = args.vocab_size or meta["vocab_size"]
     if vocab < meta["vocab_size"]:
         sys.exit(f"error: --vocab-size {vocab} is smaller than the data's vocabulary ({meta['vocab_size']})")
     args.vocab_size = vocab
 
-    model = build_model(args, vocab, args.device)
-    est = estimate(model)
-    print(f"{args.model} {args.method}: {est['params_total'] / 1e6:.2f}M parameters "
-          f"({est['params_trainable'] / 1e6:.2f}M trainable), {vocab} vocab, on {args.device} in {args.dtype}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    dtype = getattr(torch, args.dtype)
+    model, raw_model = parallel.parallelize(build_model(args, vocab), args, dtype, lambda: build_model(args, vocab))
+    if args.consolidate:
+        load_checkpoint(args, raw_model, optimizer=None)
+        return parallel.consolidate(args, raw_model)
+    est = estimate(raw_model)
+    say(f"{args.model} {args.method}: {est['params_total'] / 1e6:.2f}M parameters "
+        f"({est['params_trainable'] / 1e6:.2f}M trainable), {vocab} vocab, on {world} x {args.device} in "
+        f"{args.dtype}, {args.dist} parallel, {args.optimizer}{' per-layer' if args.per_layer else ''}")
+    optimizer = build_optimizer(raw_model, args)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
-    step = load_checkpoint(ckpt_path, model, optimizer, args) if args.resume else 0
-    log = open(log_path, "a" if args.resume else "w")
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    step = load_checkpoint(args, raw_model, optimizer) if args.resume else 0
+    log = open(log_path, "a" if args.resume else "w") if rank == 0 else None
 
     def record(**kv):
-        log.write(json.dumps(kv) + "\n")
-        log.flush()
+        if log:
+            log.write(json.dumps(kv) + "\n")
+            log.flush()
 
-    record(type="config", resumed_from=step if args.resume else None, **vars(args), **est,
-           model_config=asdict(model.cfg), data_meta=meta, **run_info())
-    autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.dtype),
-                              enabled=args.dtype != "float32")
-    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len
-    print(f"{tokens_per_step:,} tokens per step ({args.batch_size} x {args.grad_accum} x {args.seq_len}), "
-          f"{args.max_steps} steps from step {step}; logging to {log_path}")
+    record(type="config", resumed_from=step if args.resume else None, world_size=world, **vars(args), **est,
+           model_config=asdict(raw_model.cfg), data_meta=meta, **run_info())
+    autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world
+    say(f"{tokens_per_step:,} tokens per step ({world} x {args.batch_size} x {args.grad_accum} x {args.seq_len}), "
+        f"{args.max_steps} steps from step {step}; logging to {log_path}")
+    stop_at = min(args.max_steps, args.stop_at_step or args.max_steps)
     t_start, interval_time, interval_steps = time.time(), 0.0, 0  # tokens/s counts training time only
-    while step < args.max_steps:
+    while step < stop_at:
         t_step = time.time()
         lr = lr_at(step, args)
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups:  # one schedule for the global and the per-layer optimizers
             group["lr"] = lr
         loss_sum = torch.zeros((), device=args.device)
         for micro in range(args.grad_accum):
-            x, y = train_data.random_batch(step, micro, args.batch_size, args.seq_len, args.seed, args.device)
-            with autocast:
-                _, loss = model(x, y)
-            (loss / args.grad_accum).backward()
+            last = micro == args.grad_accum - 1
+            x, y = train_data.random_batch(step, micro, args.batch_size, args.seq_len, args.seed, args.device,
+                                           rank, world)
+            with parallel.no_sync(model, args, last):
+                with autocast:
+                    _, loss = model(x, y)
+                (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
-        train_loss = loss_sum.item() / args.grad_accum
-        stop_if_not_finite(train_loss, "train", step, ckpt_path, record)
+        train_loss = parallel.all_reduce_sum(loss_sum).item() / (args.grad_accum * world)
+        stop_if_not_finite(train_loss, "train", step, args, record)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
@@ -340,19 +430,21 @@ def main(argv=None):
             tok_s = tokens_per_step * interval_steps / interval_time
             eta = (args.max_steps - step) * interval_time / interval_steps
             mem = peak_memory_gb(args.device)
-            print(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                  f"peak mem {mem:.2f} GB | eta {eta / 60:.1f} min")
+            say(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
+                f"peak mem {mem:.2f} GB | eta {eta / 60:.1f} min")
             record(type="train", step=step, loss=train_loss, lr=lr, tokens_per_s=tok_s, peak_mem_gb=mem,
                    elapsed_s=time.time() - t_start)
             interval_time, interval_steps = 0.0, 0
-        if step % args.eval_every == 0 or step == args.max_steps:
-            val_loss = evaluate(model, val_data, args, autocast)
-            stop_if_not_finite(val_loss, "val", step, ckpt_path, record)
-            print(f"eval step {step}: val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+        if step % args.eval_every == 0 or step == stop_at:
+            val_loss = evaluate(model, val_data, args, autocast, rank, world)
+            stop_if_not_finite(val_loss, "val", step, args, record)
+            say(f"eval step {step}: val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
             record(type="eval", step=step, val_loss=val_loss, val_ppl=math.exp(val_loss))
-            save_checkpoint(ckpt_path, model, optimizer, step, args)
-    log.close()
-    return model
+            save_checkpoint(args, rank, raw_model, optimizer, step)
+    if log:
+        log.close()
+    parallel.teardown(args)
+    return raw_model
 
 
 if __name__ == "__main__":

@@ -137,3 +137,23 @@ def test_first_run_prepares_the_offline_default(tmp_path, monkeypatch):
     run(default, tmp_path / "o", "--max-steps", "1")
     meta = json.load(open(os.path.join(default, "meta.json")))
     assert meta["source"] == "stdlib" and meta["vocab_size"] == 257
+
+
+def test_per_layer_through_train_py_equals_global_step(data_dir, tmp_path):
+    """Per-layer AdamW (hooks, with 2 accumulated micro-steps) gives bitwise the global AdamW run."""
+    flags = ["--max-steps", "4", "--grad-accum", "2", "--eval-every", "4"]
+    assert losses(run(data_dir, tmp_path / "global", *flags)) == \
+        losses(run(data_dir, tmp_path / "per-layer", *flags, "--per-layer"))
+
+
+def test_adamw8bit_trains(data_dir, tmp_path):
+    records = run(data_dir, tmp_path, "--max-steps", "25", "--optimizer", "adamw8bit", "--per-layer")
+    assert records[0]["optimizer"] == "adamw8bit" and records[0]["per_layer"] is True  # logged in the config
+    train_losses = losses(records)
+    assert sum(train_losses[s] for s in (23, 24, 25)) / 3 < train_losses[1] - 1.0
+
+
+def test_clipping_with_per_layer_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(["--per-layer", "--grad-clip", "1.0"])
+    assert "--grad-clip" in capsys.readouterr().err

@@ -1,0 +1,452 @@
+"""
+AdamW with 8-bit block-wise quantized moments, and per-layer updates fired from backward.
+
+AdamW8bit stores Adam's two moments m and v as one byte per element: each block of 256
+elements keeps an fp32 absmax, and every element the index of the nearest value of a
+256-entry code book (the "dynamic" map of Dettmers et al.), scaled by its block's absmax.
+Every step dequantizes to fp32, runs the ordinary AdamW update, and quantizes again, so the
+state costs 2 + 8/256 = 2.03 bytes per parameter instead of 8.
+
+The dynamic code book, derived. Read a byte as [sign] [E zeros] [a one] [F fraction bits]:
+the run of E leading zeros (E = 0..6) is a base-10 exponent, the magnitude's decade
+[0.1, 1] * 10^-E; the F = 6 - E bits left over cut that decade into 2^F equal bins and the
+value is the bin's midpoint:
+    +-10^-E * (0.1 + 0.9 * (k + 1/2) / 2^F),    k = 0 .. 2^F - 1.
+Large magnitudes get fine steps, small ones keep their order of magnitude: 7 decades from
+8 bits. The top decade has 64 values per sign, each lower decade half as many, down to a
+single one at 0.55e-6: 2 * 127 values, plus the all-zero byte for 0 and the spare
+"negative zero" byte for 1.0, so a block's absmax itself is exact. The largest negative value
+is the midpoint of the last bin, -(1 - 0.45/64) = -0.99297. v >= 0 needs no sign: the sign
+bit becomes one more fraction bit (F = 7 - E, 128 values in the top decade, twice the
+resolution), and the byte that would open an eighth decade is spent on 1.0 instead. Rounding
+to the nearest value errs by at most half a top-decade bin: 0.45/64 = 0.00703 (signed) and
+0.45/128 = 0.00352 (unsigned) times absmax. 0 maps to exactly 0.
+
+Non-finite gradients: a tensor whose gradient holds a NaN or Inf is skipped whole: its
+parameter, moments and step count stay as they were and state["skipped"] counts it (summed in
+`optimizer.skipped`). On CUDA that check is one host sync per tensor per step.
+
+Per-layer updates: PerLayerOptimizer steps each parameter from its own post-accumulate-grad
+hook and frees its gradient at once, so no full gradient buffer ever exists. See its docstring.
+"""
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCK = 256  # elements per quantization block, each with its own fp32 absmax
+CHUNK = 1 << 18  # elements per slice of the CPU path (a multiple of BLOCK): 1 MB fp32 temporaries stay in cache
+
+
+# -----------------------------------------------------------------------------
+# the code book and rounding to it
+
+
+def dynamic_code(signed):
+    """The 256 values of the dynamic code book (derived in the module docstring), sorted, fp32."""
+    values = [0.0, 1.0]
+    for E in range(7):
+        bins = 2 ** ((6 if signed else 7) - E)
+        mags = [10.0**-E * (0.1 + 0.9 * (k + 0.5) / bins) for k in range(bins)]
+        values += mags + ([-x for x in mags] if signed else [])
+    return torch.tensor(sorted(values), dtype=torch.float64).float()
+
+
+class Codebook:
+    """One code book (256 sorted fp32 values) and the tables that round fp32 numbers to it.
+
+    Rounding to nearest means counting the thresholds t_j (midpoints between neighbouring
+    values) that lie below x. A binary search per element is slow on CPU, so we bucket x by
+    the top 16 bits of its fp32 pattern (sign, exponent, 7 mantissa bits). Thresholds lie a
+    bin apart, at least 0.0070 in the finest decade (unsigned, [0.1, 1]), where a bucket is
+    at most 2^-8 = 0.0039 wide; lower decades shrink both alike. So a bucket holds at most
+    one threshold (asserted below), and
+        index(x) = count[bucket] + (x > first_threshold[bucket]),
+    two table lookups and a compare, the same on CPU and in the Triton kernel.
+    """
+
+    def __init__(self, signed):
+        self.signed = signed
+        self.values = dynamic_code(signed)  # (256,)
+        exact = (self.values[:-1].double() + self.values[1:].double()) / 2  # exact midpoints
+        # Largest fp32 <= the midpoint, so "x > t" in fp32 is "x is nearer the upper value";
+        # an exact tie goes to the lower value (as a brute-force argmin would).
+        t = exact.float()
+        t = torch.where(t.double() > exact, torch.nextafter(t, torch.tensor(-math.inf)), t)
+        self.thresholds = torch.cat([t, torch.tensor([math.inf])])  # (256,), +inf: nothing above 1.0
+        top16 = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32)  # bucket b holds fp32 patterns (b << 16) | low16
+        ends = torch.stack([top16 << 16, (top16 << 16) | 0xFFFF]).view(torch.float32)
+        lo, hi = ends.amin(0), ends.amax(0)
+        count = torch.bucketize(lo.nan_to_num(0.0), t)  # thresholds < the bucket's smallest value
+        finite = lo.isfinite() & hi.isfinite()
+        assert (torch.bucketize(hi[finite], t) - count[finite]).max() <= 1, "a bucket holds two thresholds"
+        self.lut_count = count.to(torch.uint8)  # (65536,)
+        self.lut_threshold = self.thresholds[count]  # (65536,)
+        self.zero = int((self.values == 0).nonzero())  # the code of 0, for fresh state
+
+    def to(self, device):
+        for name in ("values", "thresholds", "lut_count", "lut_threshold"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def quantize_(self, x, codes, absmax):
+        """x (L,) fp32 -> codes (L,) uint8 and absmax (ceil(L/256),) fp32, written in place. Clobbers x."""
+        xb = _blocks(x)  # (L/256, 256)
+        if self.signed:
+            torch.maximum(xb.amax(dim=1), xb.amin(dim=1).neg_(), out=absmax)
+        else:  # v >= 0
+            torch.amax(xb, dim=1, out=absmax)
+        xb.div_(torch.where(absmax > 0, absmax, 1.0)[:, None])  # now in [-1, 1]
+        bucket = (xb.view(torch.int32) >> 16).add_(1 << 15).view(-1)  # top 16 bits, as 0..65535
+        index = self.lut_count.index_select(0, bucket)
+        index += xb.view(-1) > self.lut_threshold.index_select(0, bucket)
+        codes.copy_(index[: codes.numel()])
+
+    def dequantize(self, codes, absmax):
+        """codes (L,) uint8, absmax (ceil(L/256),) -> (L,) fp32 values * absmax of their block."""
+        x = self.values.index_select(0, codes.int())
+        return _blocks(x).mul_(absmax[:, None]).view(-1)[: codes.numel()]
+
+
+def _blocks(x):
+    """(L,) -> (ceil(L/256), 256), zero-padding the last block (a copy only when L % 256 != 0)."""
+    pad = -x.numel() % BLOCK
+    return (F.pad(x, (0, pad)) if pad else x).view(-1, BLOCK)
+
+
+# -----------------------------------------------------------------------------
+# AdamW8bit
+
+
+def adamw_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """One AdamW step on fp32 tensors, in place, in torch.optim.AdamW's exact order of operations."""
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)  # decoupled weight decay
+    m.lerp_(g, 1 - beta1)  # m = beta1 m + (1 - beta1) g
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v = beta2 v + (1 - beta2) g^2
+    denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))  # p -= lr m_hat / (sqrt(v_hat) + eps)
+
+
+def _local(t):
+    """A DTensor's local shard (FSDP2), else the tensor itself: we update whatever this rank holds."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW whose moments are stored as 8-bit block-wise codes (see the module docstring).
+
+    Per-group options (constructor values are the defaults):
+      fp32_state:    keep plain fp32 moments for this group (train.py uses it for tok_emb and
+                     lm_head, the usual advice for token embeddings; see below).
+      min_8bit_size: tensors with fewer elements keep fp32 state (their state is tiny anyway).
+    use_triton: None picks the fused Triton kernel for CUDA tensors when triton is installed.
+    fp32 and bf16 parameters; the update always runs in fp32 and rounds to the parameter's dtype.
+
+    Where 8-bit state hurts: v ~ g^2, so its 7 decades cover only 3.5 decades of gradient (m's
+    cover 7). An element whose gradients are ~4e-4 of its block's largest has its v rounded to
+    0 while its m survives, and its next step is about m / (sqrt(1 - beta2) |g| + eps): we saw
+    26-140 lr when scales vary by e^+-3 inside blocks, and it reaches m / eps for a row that
+    stops getting gradient (an unseen token's embedding). Scales that vary between blocks
+    rather than inside them are harmless: that is what the per-block absmax is for.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 fp32_state=False, min_8bit_size=4096, use_triton=None):
+        if not lr >= 0 or not 0 <= betas[0] < 1 or not 0 <= betas[1] < 1 or not eps >= 0:
+            raise ValueError(f"invalid AdamW8bit hyper-parameters: lr={lr}, betas={betas}, eps={eps}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        fp32_state=fp32_state, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults)
+        self.use_triton = use_triton
+        self._books = {}  # (device, signed) -> Codebook
+
+    def book(self, device, signed):
+        key = (str(device), signed)
+        if key not in self._books:
+            self._books[key] = Codebook(signed).to(device)
+        return self._books[key]
+
+    @property
+    def skipped(self):
+        """Tensor-steps skipped so far because of a non-finite gradient."""
+        return sum(s.get("skipped", 0) for s in self.state.values())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(_local(p), _local(p.grad), self.state[p], group)
+        return loss
+
+    def _step_param(self, p, g, state, group):
+        if not state:  # lazy init; a 0-element FSDP2 shard gets 0-element state
+            state["step"], state["skipped"] = 0, 0
+            if group["fp32_state"] or p.numel() < group["min_8bit_size"]:
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            else:
+                for name, signed in (("m", True), ("v", False)):
+                    zero = self.book(p.device, signed).zero
+                    state[f"{name}_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
+                    state[f"{name}_absmax"] = torch.zeros(-(-p.numel() // BLOCK), device=p.device)
+        if g.numel() and not all(x.isfinite() for x in g.aminmax()):  # min, max: NaN propagates
+            state["skipped"] += 1
+            return
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"])
+        if "exp_avg" in state:  # fp32 state: torch AdamW, in fp32 even for a bf16 parameter
+            p32 = p.float()
+            adamw_update_(p32, g.float(), state["exp_avg"], state["exp_avg_sq"], *hyper)
+            if p32 is not p:
+                p.copy_(p32)
+        elif self.use_triton or (self.use_triton is None and p.is_cuda and triton is not None):
+            adamw8bit_triton_(p, g, state, self.book(p.device, True), self.book(p.device, False), *hyper)
+        else:
+            self._step_8bit_torch(p, g, state, hyper)
+
+    def _step_8bit_torch(self, p, g, state, hyper):
+        """Dequantize, update, requantize, one L2-sized slice at a time: no full-size fp32 temporaries."""
+        book_m, book_v = self.book(p.device, True), self.book(p.device, False)
+        p, g = p.view(-1), g.reshape(-1)
+        for start in range(0, p.numel(), CHUNK):
+            end = min(start + CHUNK, p.numel())
+            blocks = slice(start // BLOCK, -(-end // BLOCK))
+            m = book_m.dequantize(state["m_codes"][start:end], state["m_absmax"][blocks])
+            v = book_v.dequantize(state["v_codes"][start:end], state["v_absmax"][blocks])
+            p32 = p[start:end].float()  # a view for fp32, a copy for bf16
+            adamw_update_(p32, g[start:end].float(), m, v, *hyper)
+            if p.dtype != torch.float32:
+                p[start:end].copy_(p32)
+            book_m.quantize_(m, state["m_codes"][start:end], state["m_absmax"][blocks])
+            book_v.quantize_(v, state["v_codes"][start:end], state["v_absmax"][blocks])
+
+    def load_state_dict(self, state_dict):
+        # torch casts floating state to the parameter's dtype (right for its AdamW); here the
+        # absmax and fp32 moments of a bf16 parameter must stay fp32, so restore them as saved.
+        super().load_state_dict(state_dict)
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            if i in state_dict["state"]:
+                device = _local(p).device
+                self.state[p] = {k: v.to(device, copy=True) if torch.is_tensor(v) else v
+                                 for k, v in state_dict["state"][i].items()}
+
+
+# -----------------------------------------------------------------------------
+# the fused Triton update (CUDA): dequantize, update, requantize in one pass over memory
+
+if triton is not None:
+
+    @triton.jit
+    def _quantize_tile(x, lut_count_ptr, lut_threshold_ptr):
+        """x (BLOCKS, 256) fp32 -> codes (BLOCKS, 256) uint8, absmax (BLOCKS,): Codebook.quantize_."""
+        absmax = tl.max(tl.abs(x), axis=1)
+        x = x / tl.where(absmax > 0, absmax, 1.0)[:, None]
+        bucket = (x.to(tl.int32, bitcast=True) >> 16) + 32768
+        codes = tl.load(lut_count_ptr + bucket) + (x > tl.load(lut_threshold_ptr + bucket)).to(tl.uint8)
+        return codes, absmax
+
+    @triton.jit
+    def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
+                          m_values_ptr, m_lut_count_ptr, m_lut_threshold_ptr,
+                          v_values_ptr, v_lut_count_ptr, v_lut_threshold_ptr,
+                          n, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bias2_sqrt, step_size,
+                          QBLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+        """Program i updates quantization blocks i*BLOCKS .. (i+1)*BLOCKS - 1, a (BLOCKS, QBLOCK) tile."""
+        rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) block indices
+        offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # (BLOCKS, QBLOCK)
+        mask, row_mask = offs < n, rows * QBLOCK < n
+        # load and dequantize; bf16 is converted to fp32 before any arithmetic
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m_codes = tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+        v_codes = tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+        m = tl.load(m_values_ptr + m_codes) * tl.load(m_absmax_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        v = tl.load(v_values_ptr + v_codes) * tl.load(v_absmax_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        # AdamW, as adamw_update_ (the scalars come from the host, rounded as torch rounds them)
+        p = p * decay
+        m = m + one_minus_beta1 * (g - m)
+        v = v * beta2 + one_minus_beta2 * g * g
+        denom = tl.sqrt(v) / bias2_sqrt + eps
+        p = p + (-step_size * m) / denom
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        # requantize; padding lanes are 0 so they do not touch the absmax
+        m_codes, m_absmax = _quantize_tile(tl.where(mask, m, 0.0), m_lut_count_ptr, m_lut_threshold_ptr)
+        v_codes, v_absmax = _quantize_tile(tl.where(mask, v, 0.0), v_lut_count_ptr, v_lut_threshold_ptr)
+        tl.store(m_codes_ptr + offs, m_codes, mask=mask)
+        tl.store(v_codes_ptr + offs, v_codes, mask=mask)
+        tl.store(m_absmax_ptr + rows, m_absmax, mask=row_mask)
+        tl.store(v_absmax_ptr + rows, v_absmax, mask=row_mask)
+
+
+def adamw8bit_triton_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight_decay, step, blocks=4):
+    """The fused kernel over one tensor; same arguments as AdamW8bit's PyTorch path."""
+    n = p.numel()
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, BLOCK * blocks),)
+    _adamw8bit_kernel[grid](p, g.contiguous(), state["m_codes"], state["m_absmax"], state["v_codes"], state["v_absmax"],
+                            book_m.values, book_m.lut_count, book_m.lut_threshold,
+                            book_v.values, book_v.lut_count, book_v.lut_threshold,
+                            n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, (1 - beta2**step) ** 0.5,
+                            lr / (1 - beta1**step), QBLOCK=BLOCK, BLOCKS=blocks)
+
+
+# -----------------------------------------------------------------------------
+# per-layer updates: each parameter steps inside backward, as soon as its gradient is ready
+
+
+class PerLayerOptimizer:
+    """One optimizer per parameter, stepped from a post-accumulate-grad hook that then frees the
+    gradient, so no full gradient buffer ever exists. Use it where a torch optimizer goes:
+
+        opt = PerLayerOptimizer(model.named_parameters(), lambda ps: AdamW8bit(ps, lr=lr), grad_accum_steps=k)
+        for g in opt.param_groups: g["lr"] = schedule(step)   # BEFORE backward: the step runs inside it
+        for micro in range(k): (loss / k).backward()           # the k-th backward steps every parameter
+        opt.step()                                             # checks that it happened; updates nothing
+        opt.zero_grad(set_to_none=True)                        # harmless: the gradients are gone already
+
+    param_groups lists the inner optimizers' own group dicts, so one schedule writing g["lr"]
+    drives every per-parameter optimizer, and each uses exactly the schedule's LR of that step.
+    Gradient accumulation: a parameter's hook steps on every k-th backward and lets the gradient
+    accumulate in between, which keeps a full gradient buffer alive across the micro-steps: with
+    k > 1 per-layer updates save no memory over a global optimizer (they stay correct).
+    Global grad-norm clipping needs every gradient at once and cannot work: clip_grad_norm_ raises.
+    Under DDP the hooks would fire before the all-reduce: do not combine them. Under FSDP2 they
+    fire on this rank's reduced shard, which AdamW8bit updates as it is.
+    """
+
+    def __init__(self, params, make_optimizer, grad_accum_steps=1):
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        named = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(params)]
+        self.params = {name: p for name, p in named if p.requires_grad}
+        dist = torch.distributed
+        if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+                and not all(hasattr(p, "to_local") for p in self.params.values())):  # plain tensors on many ranks: DDP
+            raise RuntimeError("per-layer updates do not work under DDP: the hooks fire before the gradient all-reduce, "
+                               "so each rank would step on its own gradient. Use FSDP2 (fully_shard) or a global optimizer.")
+        self.optimizers = {name: make_optimizer([p]) for name, p in self.params.items()}
+        self.grad_accum_steps = grad_accum_steps
+        self._of = {p: self.optimizers[name] for name, p in self.params.items()}
+        self._backwards = {p: 0 for p in self._of}  # backward passes accumulated since p's last step
+        self._stepped = 0  # parameters stepped since the last step() call
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._of]
+
+    @property
+    def param_groups(self):
+        # Looked up on every access: an inner load_state_dict replaces its group dicts, and a
+        # list captured once would go stale (the schedule would stop reaching the optimizers).
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    @torch.no_grad()
+    def _hook(self, p):
+        self._backwards[p] += 1
+        if self._backwards[p] < self.grad_accum_steps:
+            return  # not the last micro-step: leave the gradient to accumulate
+        self._backwards[p] = 0
+        self._of[p].step()
+        p.grad = None
+        self._stepped += 1
+
+    def step(self):
+        """The updates already ran inside backward; raise if they did not all complete."""
+        partial = [name for name, p in self.params.items() if self._backwards[p]]
+        if partial:
+            raise RuntimeError(f"{len(partial)} parameters (first: {partial[0]}) saw a number of backward passes that "
+                               f"is not a multiple of grad_accum_steps={self.grad_accum_steps}; call step() only "
+                               f"after the last micro-step")
+        if self._stepped == 0:
+            raise RuntimeError("no parameter was updated since the last step(): no backward ran, or remove() was called")
+        self._stepped = 0
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params.values():
+            p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
+
+    def clip_grad_norm_(self, max_norm):
+        raise RuntimeError(f"global grad-norm clipping (max_norm={max_norm}) cannot work with per-layer updates: each "
+                           f"gradient is used and freed during backward, before the global norm is known. Turn off "
+                           f"clipping or per-layer updates.")
+
+    def state_dict(self):
+        return {"optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
+
+    def load_state_dict(self, state_dict):
+        saved = state_dict["optimizers"]
+        if saved.keys() != self.optimizers.keys():
+            raise ValueError(f"checkpoint holds optimizers for {len(saved)} parameters, this model has "
+                             f"{len(self.optimizers)} (or their names differ)")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(saved[name])
+
+    def remove(self):
+        """Unregister the hooks: backward no longer steps anything."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# -----------------------------------------------------------------------------
+# benchmark: python optim.py --bench
+
+
+def state_bytes(opt):
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def bench(numel=1 << 24, steps=5):
+    """ms per step on one tensor of `numel` elements: the median of `steps` steps after 2 warm-up steps."""
+    candidates = {"torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+                  "AdamW8bit (PyTorch)": lambda ps: AdamW8bit(ps, lr=1e-3, use_triton=False)}
+    if torch.cuda.is_available() and triton is not None:
+        candidates["AdamW8bit (Triton)"] = lambda ps: AdamW8bit(ps, lr=1e-3, use_triton=True)
+    try:
+        import bitsandbytes as bnb
+        candidates["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)
+    except ImportError:
+        pass
+    print(f"one tensor of {numel:,} elements, {torch.get_num_threads()} CPU threads, median of {steps} steps")
+    print(f"| {'optimizer':<24} | device | param    | ms/step | state bytes/param |")
+    print(f"|{'-' * 26}|--------|----------|---------|-------------------|")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for dtype in (torch.float32, torch.bfloat16):
+            for name, make in candidates.items():
+                if device == "cpu" and name not in ("torch AdamW", "AdamW8bit (PyTorch)"):
+                    continue
+                p = torch.nn.Parameter(torch.randn(numel, device=device, dtype=dtype))
+                p.grad = torch.randn_like(p)
+                opt, times = make([p]), []
+                sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+                for _ in range(steps + 2):
+                    sync()
+                    t0 = time.perf_counter()
+                    opt.step()
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                ms = sorted(times[2:])[steps // 2] * 1e3
+                dtype_name = str(dtype).removeprefix("torch.")
+                print(f"| {name:<24} | {device:<6} | {dtype_name:<8} | {ms:7.1f} | {state_bytes(opt) / numel:17.3f} |")
+
+
+if __name__ == "__main__":
+    if "--bench" in sys.argv:
+        bench()
+    else:
+        print("usage: python optim.py --bench")
