@@ -85,10 +85,12 @@ def parallelize(model, args, dtype, make_meta_model):
         fully_shard(model, mp_policy=mp)
         model.to_empty(device=args.device)
         init_sharded(model, make_meta_model(), args.seed, args.device)
+        check_replicated_buffers(model)
         return model, model
     model.to_empty(device=args.device)
     model.init_weights(seed=args.seed)
     if args.dist == "ddp":
+        check_replicated_buffers(model)
         return DistributedDataParallel(model, device_ids=[torch.device(args.device).index]
                                        if args.device.startswith("cuda") else None), model
     return model, model
@@ -116,6 +118,21 @@ def init_sharded(model, twin, seed, device):
                 full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
             target.copy_(full)
         twin_module.to_empty(device="meta", recurse=False)  # free it again
+
+
+def check_replicated_buffers(model):
+    """Every rank must hold the same buffers (the SLTrain supports above all): compare checksums."""
+    if not dist.is_initialized():
+        return
+    for name, buf in model.named_buffers():
+        local = torch.stack([buf.double().sum(), (buf.double() * torch.arange(buf.numel(), device=buf.device)
+                                                  .view(buf.shape)).sum()])  # order-sensitive
+        lo, hi = local.clone(), local.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if not torch.equal(lo, hi):
+            raise RuntimeError(f"buffer {name} differs between ranks: every rank must draw the same SLTrain support "
+                               f"(same --seed, same code)")
 
 
 def no_sync(model, args, last_micro_step):

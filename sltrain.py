@@ -15,7 +15,11 @@ i * in + j is entry (i, j)). It is drawn from a generator seeded by the layer's 
 so the same seed gives the same support on every rank, on every device and after a resume;
 it is also saved in the state dict, so a checkpoint carries it.
 
-delta = 0 gives the `lowrank` baseline; `full` keeps plain dense nn.Linear layers.
+delta = 0 gives the `lowrank` baseline; `full` keeps plain dense nn.Linear layers. The baseline
+cannot start from B = 0: with no S, every block's q, k, v and MLP hidden state are 0, which is a
+stationary point (all block gradients vanish: dB = scale * (dy^T x) A^T with x = 0 or dy = 0), so
+only embeddings and lm_head would ever train. With delta = 0, B starts U(-1/sqrt(rank), 1/sqrt(rank)),
+nn.Linear's default for a (out, rank) weight. With delta > 0, S breaks the symmetry and B = 0.
 """
 import math
 
@@ -117,13 +121,17 @@ class SLLinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Draw the support from this layer's seed; A, values ~ U(+-1/sqrt(in)); B = 0."""
+        """Draw the support from this layer's seed; A, values ~ U(+-1/sqrt(in)); B = 0 (or, with no
+        sparse part, U(+-1/sqrt(rank)): see the module docstring)."""
         bound = 1.0 / math.sqrt(self.in_features)
         g = torch.Generator().manual_seed(self.seed)
         support = random_support(self.out_features * self.in_features, self.nnz, g)
         self.indices.copy_(support.to(self.indices.dtype))
         self.A.uniform_(-bound, bound)
-        self.B.zero_()
+        if self.nnz:
+            self.B.zero_()
+        else:
+            self.B.uniform_(-1.0 / math.sqrt(self.rank), 1.0 / math.sqrt(self.rank))
         self.values.uniform_(-bound, bound)
 
     def dense_weight(self):

@@ -26,6 +26,7 @@ import torch
 
 import parallel
 from model import CONFIGS, LLaMA, count_params
+from optim import AdamW8bit, PerLayerOptimizer
 from sltrain import METHODS, SLLinear, swap_linears
 
 # -----------------------------------------------------------------------------
@@ -61,9 +62,11 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, help="steps between evals and checkpoints (default: max-steps/10)")
     p.add_argument("--eval-tokens", type=int, help="validation tokens per eval (default: recipe)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines (default: 10)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="autocast compute dtype; weights stay fp32 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="autocast compute dtype (default: bfloat16 on GPU, float32 on CPU); fp16 would need a "
+                   "loss scaler, so it is not offered")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype the weights are stored in; bfloat16 is the paper's pure-bf16 recipe (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="init, support and data order (default: 0)")
@@ -196,7 +199,6 @@ def build_optimizer(model, args):
     """AdamW or AdamW8bit (weight decay 0, as the paper). Embeddings and lm_head keep fp32 state
     under AdamW8bit (the standard advice for token embeddings). --per-layer gives every parameter
     its own optimizer, stepped from backward."""
-    from optim import AdamW8bit, PerLayerOptimizer
 
     def make(params):
         if args.optimizer == "adamw":
@@ -380,8 +382,9 @@ def main(argv=None):
         return parallel.consolidate(args, raw_model)
     est = estimate(raw_model)
     say(f"{args.model} {args.method}: {est['params_total'] / 1e6:.2f}M parameters "
-        f"({est['params_trainable'] / 1e6:.2f}M trainable), {vocab} vocab, on {world} x {args.device} in "
-        f"{args.dtype}, {args.dist} parallel, {args.optimizer}{' per-layer' if args.per_layer else ''}")
+        f"({est['params_trainable'] / 1e6:.2f}M trainable), {vocab} vocab | {args.device} "
+        f"{'' if world == 1 else f'x {world} ranks ({args.dist}) '}| {args.param_dtype} weights, {args.dtype} "
+        f"compute | {args.optimizer}{' per-layer' if args.per_layer else ''}")
     optimizer = build_optimizer(raw_model, args)
 
     os.makedirs(args.out_dir, exist_ok=True)

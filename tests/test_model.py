@@ -77,7 +77,7 @@ def test_loss_is_cross_entropy_and_init_matches_paper():
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5  # near-uniform at init
     assert abs(model.tok_emb.weight.std().item() - 0.02) < 0.002
     sl = model.blocks[0].mlp.w_up
-    assert isinstance(sl, SLLinear) and torch.all(sl.B == 0)
+    assert isinstance(sl, SLLinear) and torch.all(sl.B == 0)  # W = S at step 0
     bound = 1 / sl.in_features ** 0.5
     assert sl.A.abs().max() <= bound and sl.values.abs().max() <= bound
     assert sl.A.abs().max() > 0.9 * bound  # uniform over the whole range, not a narrower init
@@ -87,3 +87,19 @@ def test_sequence_longer_than_max_raises():
     model = build("tiny", "full", vocab=97, device="cpu", max_seq_len=8)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_parameter_is_dead_after_one_update(method):
+    """With delta = 0 and B = 0 every block would sit at a stationary point forever (the low-rank
+    baseline would train only its embeddings). With B = 0 and S != 0 (sltrain), A's first gradient
+    is scale * B^T G = 0 by design, and nonzero once B has moved: so look after one update."""
+    model = build("tiny", method, vocab=97, device="cpu", max_seq_len=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 97, (2, 16))
+    for _ in range(2):
+        opt.zero_grad()
+        model(idx, idx)[1].backward()
+        opt.step()
+    dead = [n for n, p in model.named_parameters() if p.numel() and not p.grad.abs().max() > 0]
+    assert not dead, dead

@@ -96,3 +96,10 @@ def test_per_layer_under_ddp_is_refused(monkeypatch, capsys):
 def test_dist_needs_torchrun():
     with pytest.raises(SystemExit, match="torchrun"):
         train.main(["--dist", "fsdp", "--max-steps", "1"])
+
+
+def test_support_must_be_identical_on_every_rank():
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "tests", "replicated_buffers.py")], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0 and "replicated-buffer check ok" in r.stdout, r.stderr[-3000:]

@@ -18,10 +18,14 @@ def data_dir(tmp_path_factory):
     return path
 
 
-def run(data_dir, out_dir, *extra):
-    train.main(SMALL + ["--data", data_dir, "--out-dir", str(out_dir), *extra])
+def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def run(data_dir, out_dir, *extra):
+    train.main(SMALL + ["--data", data_dir, "--out-dir", str(out_dir), *extra])
+    return read_log(out_dir)
 
 
 def losses(records):
@@ -157,3 +161,19 @@ def test_clipping_with_per_layer_is_refused(capsys):
     with pytest.raises(SystemExit):
         train.get_args(["--per-layer", "--grad-clip", "1.0"])
     assert "--grad-clip" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_gives_the_same_losses_with_less_saved(data_dir, tmp_path):
+    flags = ["--max-steps", "3", "--eval-every", "3"]
+    models = {}
+    for name, extra in (("plain", []), ("ac", ["--activation-checkpointing"])):
+        models[name] = train.main(SMALL + ["--data", data_dir, "--out-dir", str(tmp_path / name), *flags, *extra])
+    assert losses(read_log(tmp_path / "plain")) == losses(read_log(tmp_path / "ac"))  # recomputation is exact
+
+    def saved_bytes(model):
+        total = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            model(torch.zeros(2, 64, dtype=torch.long), torch.zeros(2, 64, dtype=torch.long))
+        return sum(total)
+    assert saved_bytes(models["ac"]) < 0.5 * saved_bytes(models["plain"])  # only block inputs are kept
