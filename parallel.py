@@ -91,8 +91,9 @@ def parallelize(model, args, dtype, make_meta_model):
     model.init_weights(seed=args.seed)
     if args.dist == "ddp":
         check_replicated_buffers(model)
+        # buffers (RoPE tables, the supports) are identical and never change: no per-forward broadcast
         return DistributedDataParallel(model, device_ids=[torch.device(args.device).index]
-                                       if args.device.startswith("cuda") else None), model
+                                       if args.device.startswith("cuda") else None, broadcast_buffers=False), model
     return model, model
 
 

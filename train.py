@@ -148,7 +148,8 @@ class TokenData:
         """The first n_tokens of the split as consecutive windows, the same for every eval; rank r
         takes windows r, r + N, ..."""
         n_windows = max(1, min(n_tokens, len(self.tokens) - 1) // seq_len)
-        starts = [i * seq_len for i in range(rank, n_windows, world)]
+        n_windows = max(world, n_windows - n_windows % world)  # equal work per rank: collectives stay in step
+        starts = [i * seq_len % (len(self.tokens) - seq_len) for i in range(rank, n_windows, world)]
         for i in range(0, len(starts), batch_size):
             yield self._windows(starts[i:i + batch_size], seq_len, device)
 

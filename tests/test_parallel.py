@@ -55,7 +55,10 @@ def single(data_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(data_dir, single, tmp_path, mode):
-    r = torchrun(*COMMON, "--batch-size", "2", "--data", data_dir, "--out-dir", str(tmp_path), "--dist", mode)
+    # 2112 eval tokens = 33 windows of 64: an uneven split must not hang a collective, and the ranks
+    # evaluate 32 of them, the same 32 as the single process's 2048 tokens
+    r = torchrun(*COMMON, "--batch-size", "2", "--eval-tokens", "2112", "--data", data_dir, "--out-dir",
+                 str(tmp_path), "--dist", mode)
     assert r.returncode == 0, r.stderr[-3000:]
     train_ref, val_ref = losses(single)
     train_dist, val_dist = losses(tmp_path)
