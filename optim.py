@@ -376,6 +376,11 @@ class PerLayerOptimizer:
             raise RuntimeError("no parameter was updated since the last step(): no backward ran, or remove() was called")
         self._stepped = 0
 
+    @property
+    def skipped(self):
+        """Per-parameter updates skipped for a non-finite gradient (AdamW8bit's count; 0 for others)."""
+        return sum(getattr(opt, "skipped", 0) for opt in self.optimizers.values())
+
     def zero_grad(self, set_to_none=True):
         for p in self.params.values():
             p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)

@@ -61,6 +61,16 @@ def barrier():
         dist.barrier()
 
 
+def exit_together(error, device):
+    """Exit on every rank if any rank has an error message, so no rank waits alone in a collective."""
+    if dist.is_initialized():
+        failed = all_reduce_sum(torch.tensor([error is not None], dtype=torch.int32, device=device))
+        if failed.item() and error is None:
+            error = "another rank failed (see its message above)"
+    if error is not None:
+        sys.exit(f"error: {error}")
+
+
 def all_reduce_sum(t):
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -178,15 +188,12 @@ def save_sharded(out_dir, state, step):
 
 
 def sharded_path(out_dir):
-    """This rank's file of the newest sharded checkpoint, or None."""
+    """This rank's file of the newest sharded checkpoint (rank<r>-of-<N>.pt: it resumes only on the
+    world size that wrote it), or None when there is none."""
     pointer = os.path.join(out_dir, "latest-sharded")
     if not os.path.exists(pointer):
         return None
-    path = os.path.join(out_dir, open(pointer).read().strip(), f"rank{dist.get_rank()}-of-{dist.get_world_size()}.pt")
-    if not os.path.exists(path):
-        sys.exit(f"error: {path} is missing: a sharded checkpoint resumes only on the world size that wrote it "
-                 f"(see the rank*-of-N files next to it).")
-    return path
+    return os.path.join(out_dir, open(pointer).read().strip(), f"rank{dist.get_rank()}-of-{dist.get_world_size()}.pt")
 
 
 def full_state_dict(model):

@@ -41,8 +41,11 @@ RECIPES = {
     "7b": dict(steps=150_000, batch=512, eval_tokens=10_000_000),
 }
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stdlib")
-# flags that change the model's shape or its support: a checkpoint only resumes with the same
+# flags that fix the model's shapes and its support, and the optimizer state's layout: a checkpoint
+# only resumes with the same; the schedule's flags may change, with a warning
 MODEL_KEYS = ("model", "method", "rank", "delta", "alpha", "vocab_size", "seq_len", "seed")
+OPTIMIZER_KEYS = ("optimizer", "per_layer")
+SCHEDULE_KEYS = ("lr", "max_steps", "warmup")
 
 
 def get_args(argv=None):
@@ -113,6 +116,8 @@ def get_args(argv=None):
     if args.per_layer and args.grad_clip > 0:
         p.error("--grad-clip needs the global gradient norm, but --per-layer frees each gradient as soon as its "
                 "parameter is updated: drop one of them")
+    if args.consolidate and args.dist != "fsdp":
+        p.error("--consolidate gathers an FSDP2 sharded checkpoint: run it under torchrun with --dist fsdp")
     if args.per_layer and args.dist == "ddp":
         p.error("--per-layer cannot run under DDP: its hooks fire before DDP's gradient all-reduce, so each rank "
                 "would step on its own gradient. Use --dist fsdp (hooks fire on the reduced shard)")
@@ -132,6 +137,9 @@ class TokenData:
     def __init__(self, folder, split, meta):
         path = os.path.join(folder, f"{split}.bin")
         expected = meta[f"{split}_tokens"]
+        if expected == 0:
+            sys.exit(f"error: the {split} split of {folder} is empty: prepare more data (the val split takes ~2% of "
+                     f"the documents, chosen by a hash of each one).")
         size = os.path.getsize(path) if os.path.exists(path) else -1
         if size != expected * np.dtype(meta["dtype"]).itemsize:
             sys.exit(f"error: {path} is missing or has the wrong size ({size} bytes; meta.json says {expected} "
@@ -141,7 +149,7 @@ class TokenData:
 
     def random_batch(self, step, micro, batch_size, seq_len, seed, device, rank=0, world=1):
         rng = np.random.default_rng([seed, step, micro])  # independent stream per (seed, step, micro)
-        starts = rng.integers(0, len(self.tokens) - seq_len - 1, size=batch_size * world)
+        starts = rng.integers(0, len(self.tokens) - seq_len, size=batch_size * world)  # window: seq_len + 1
         return self._windows(starts[rank * batch_size:(rank + 1) * batch_size], seq_len, device)
 
     def eval_batches(self, n_tokens, batch_size, seq_len, device, rank=0, world=1):
@@ -276,6 +284,10 @@ def save_checkpoint(args, rank, model, optimizer, step):
     parallel.barrier()
 
 
+def has_checkpoint(args):
+    return any(os.path.exists(os.path.join(args.out_dir, name)) for name in ("ckpt.pt", "latest-sharded"))
+
+
 def checkpoint_path(args):
     if args.dist == "fsdp":
         return parallel.sharded_path(args.out_dir) or os.path.join(args.out_dir, "latest-sharded")
@@ -283,28 +295,36 @@ def checkpoint_path(args):
 
 
 def load_checkpoint(args, model, optimizer):
-    path = checkpoint_path(args)
+    path, state, error = checkpoint_path(args), None, None
     if not os.path.exists(path):
-        sys.exit(f"error: --resume but no checkpoint at {path}: leave out --resume to start fresh, "
-                 f"or point --out-dir at the run to continue.")
-    try:
-        state = torch.load(path, map_location=args.device, weights_only=False)
-    except Exception as e:
-        sys.exit(f"error: the checkpoint {path} is unreadable ({type(e).__name__}: {e}). It is corrupt or "
-                 f"truncated: restore a copy, or move it away and start fresh without --resume.")
-    mismatch = [f"--{k.replace('_', '-')} {state['config'].get(k)} (asked: {getattr(args, k)})"
-                for k in MODEL_KEYS if state["config"].get(k) != getattr(args, k)]
-    if mismatch:
-        sys.exit(f"error: the checkpoint {path} was written for another model: {', '.join(mismatch)}. "
-                 f"Resume with the checkpoint's flags, or use another --out-dir for a new run.")
+        error = (f"--resume but no checkpoint at {path}: leave out --resume to start fresh, or point --out-dir at "
+                 f"the run to continue (a sharded checkpoint resumes only on the number of ranks that wrote it).")
+    else:
+        try:
+            state = torch.load(path, map_location=args.device, weights_only=False)
+        except Exception as e:
+            error = (f"the checkpoint {path} is unreadable ({type(e).__name__}: {e}). It is corrupt or truncated: "
+                     f"restore a copy, or move it away and start fresh without --resume.")
+    if state is not None:
+        mismatch = [f"--{k.replace('_', '-')} {state['config'].get(k)} (asked: {getattr(args, k)})"
+                    for k in MODEL_KEYS + (OPTIMIZER_KEYS if optimizer is not None else ())
+                    if state["config"].get(k) != getattr(args, k)]
+        if mismatch:
+            error = (f"the checkpoint {path} was written for another run: {', '.join(mismatch)}. Resume with the "
+                     f"checkpoint's flags, or use another --out-dir for a new run.")
+    parallel.exit_together(error, args.device)  # a rank that failed alone would leave the others waiting
+    for k in SCHEDULE_KEYS:
+        if state["config"][k] != getattr(args, k):
+            print(f"note: --{k.replace('_', '-')} is {getattr(args, k)}, the checkpoint's run had "
+                  f"{state['config'][k]}: the schedule changes from step {state['step']} on")
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())  # RNG states live on the CPU whatever map_location said
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     return state["step"]
 
 
@@ -390,7 +410,15 @@ def main(argv=None):
 
     os.makedirs(args.out_dir, exist_ok=True)
     log_path = os.path.join(args.out_dir, "log.jsonl")
+    if not args.resume and has_checkpoint(args):
+        sys.exit(f"error: {args.out_dir} already holds a run with a checkpoint: continue it with --resume, or use "
+                 f"another --out-dir (or delete it) to start over.")
     step = load_checkpoint(args, raw_model, optimizer) if args.resume else 0
+    if args.resume and rank == 0 and os.path.exists(log_path):  # drop records the checkpoint does not cover
+        records = [line for line in open(log_path) if json.loads(line).get("step", 0) <= step]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(records)
+        os.replace(log_path + ".tmp", log_path)
     log = open(log_path, "a" if args.resume else "w") if rank == 0 else None
 
     def record(**kv):
@@ -434,10 +462,11 @@ def main(argv=None):
             tok_s = tokens_per_step * interval_steps / interval_time
             eta = (args.max_steps - step) * interval_time / interval_steps
             mem = peak_memory_gb(args.device)
+            skipped = getattr(optimizer, "skipped", 0)  # AdamW8bit: tensor updates skipped for NaN/Inf gradients
             say(f"step {step:>6}/{args.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
-                f"peak mem {mem:.2f} GB | eta {eta / 60:.1f} min")
+                f"peak mem {mem:.2f} GB | eta {eta / 60:.1f} min" + (f" | skipped {skipped}" if skipped else ""))
             record(type="train", step=step, loss=train_loss, lr=lr, tokens_per_s=tok_s, peak_mem_gb=mem,
-                   elapsed_s=time.time() - t_start)
+                   skipped_updates=skipped, elapsed_s=time.time() - t_start)
             interval_time, interval_steps = 0.0, 0
         if step % args.eval_every == 0 or step == stop_at:
             val_loss = evaluate(model, val_data, args, autocast, rank, world)

@@ -29,7 +29,7 @@ def torchrun(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train.py"), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
     return result
 
 
@@ -87,6 +87,12 @@ def test_fsdp_per_layer_matches_fsdp_and_resume_continues(data_dir, single, tmp_
             assert torch.equal(full[k], ref[k]), k  # the same support on every rank and in one process
         else:
             torch.testing.assert_close(full[k], ref[k], rtol=1e-4, atol=1e-5)
+
+    # a shard lost on one rank: every rank stops with a message, none hangs in a collective
+    shard_dir = tmp_path / open(tmp_path / "latest-sharded").read().strip()
+    (shard_dir / "rank1-of-2.pt").unlink()
+    lost = torchrun(*flags, "--per-layer", "--out-dir", str(tmp_path), "--resume", "--max-steps", "6")
+    assert lost.returncode != 0 and "rank1-of-2.pt" in lost.stderr and "another rank failed" in lost.stderr
 
 
 def test_per_layer_under_ddp_is_refused(monkeypatch, capsys):

@@ -48,21 +48,22 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     flags = ["--max-steps", "8", "--eval-every", "4"]
     full = losses(run(data_dir, tmp_path / "a", *flags))
 
-    # simulate a crash while step 6 is being trained, after the step-4 checkpoint was written
+    # simulate a crash while step 7 is being trained: steps 5 and 6 are logged, the checkpoint is step 4's
     real_batch = train.TokenData.random_batch
 
-    def crash_at_step_5(self, step, *args, **kwargs):
-        if step == 5:
+    def crash_at_step_7(self, step, *args, **kwargs):
+        if step == 6:  # 0-based: the batch of step 7
             raise KeyboardInterrupt
         return real_batch(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(train.TokenData, "random_batch", crash_at_step_5)
+    monkeypatch.setattr(train.TokenData, "random_batch", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         run(data_dir, tmp_path / "b", *flags)
     monkeypatch.setattr(train.TokenData, "random_batch", real_batch)
-    resumed = losses(run(data_dir, tmp_path / "b", *flags, "--resume"))
-    assert sorted(resumed) == list(range(1, 9))
-    assert resumed == full  # bitwise: same batches, same weights, same optimizer state
+    records = run(data_dir, tmp_path / "b", *flags, "--resume")
+    steps = [r["step"] for r in records if r["type"] == "train"]
+    assert steps == list(range(1, 9))  # steps 5 and 6 were trained twice but are logged once
+    assert losses(records) == full  # bitwise: same batches, same weights, same optimizer state
 
 
 def test_dry_run_prints_json_last(capsys):
@@ -100,7 +101,7 @@ def test_missing_and_corrupt_data(data_dir, tmp_path):
 
 def test_corrupt_and_mismatched_checkpoints(data_dir, tmp_path):
     run(data_dir, tmp_path, "--max-steps", "2")
-    with pytest.raises(SystemExit, match="another model.*--method sltrain"):
+    with pytest.raises(SystemExit, match="another run.*--method sltrain"):
         run(data_dir, tmp_path, "--max-steps", "4", "--method", "lowrank", "--resume")
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:5000])  # a torn file, as a crash mid-write would leave
@@ -108,6 +109,27 @@ def test_corrupt_and_mismatched_checkpoints(data_dir, tmp_path):
         run(data_dir, tmp_path, "--max-steps", "4", "--resume")
     with pytest.raises(SystemExit, match="no checkpoint"):
         run(data_dir, tmp_path / "fresh", "--max-steps", "4", "--resume")
+
+
+def test_a_fresh_start_never_overwrites_a_run(data_dir, tmp_path):
+    run(data_dir, tmp_path, "--max-steps", "2")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run.*--resume"):
+        run(data_dir, tmp_path, "--max-steps", "2")
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    with pytest.raises(SystemExit, match="another run.*--optimizer adamw"):  # the state's layout differs
+        run(data_dir, tmp_path, "--max-steps", "4", "--optimizer", "adamw8bit", "--resume")
+
+
+def test_empty_val_split_is_reported(data_dir, tmp_path):
+    broken = tmp_path / "noval"
+    broken.mkdir()
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    json.dump({**meta, "val_tokens": 0}, open(broken / "meta.json", "w"))
+    (broken / "train.bin").write_bytes(open(os.path.join(data_dir, "train.bin"), "rb").read())
+    (broken / "val.bin").write_bytes(b"")
+    with pytest.raises(SystemExit, match="val split .* is empty"):
+        train.main(SMALL + ["--data", str(broken), "--out-dir", str(tmp_path / "o")])
 
 
 def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
