@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train
+from data.loader import TokenData
 from data.prepare import prepare_stdlib
 
 SMALL = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-tokens", "2048", "--log-every", "1"]
@@ -49,17 +50,17 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     full = losses(run(data_dir, tmp_path / "a", *flags))
 
     # simulate a crash while step 7 is being trained: steps 5 and 6 are logged, the checkpoint is step 4's
-    real_batch = train.TokenData.random_batch
+    real_batch = TokenData.random_batch
 
     def crash_at_step_7(self, step, *args, **kwargs):
         if step == 6:  # 0-based: the batch of step 7
             raise KeyboardInterrupt
         return real_batch(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(train.TokenData, "random_batch", crash_at_step_7)
+    monkeypatch.setattr(TokenData, "random_batch", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         run(data_dir, tmp_path / "b", *flags)
-    monkeypatch.setattr(train.TokenData, "random_batch", real_batch)
+    monkeypatch.setattr(TokenData, "random_batch", real_batch)
     records = run(data_dir, tmp_path / "b", *flags, "--resume")
     steps = [r["step"] for r in records if r["type"] == "train"]
     assert steps == list(range(1, 9))  # steps 5 and 6 were trained twice but are logged once

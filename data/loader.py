@@ -1,0 +1,74 @@
+"""
+Reading the token streams that data/prepare.py writes (train.bin, val.bin, meta.json) for train.py:
+random training windows that are a pure function of (seed, step, micro-step), split across ranks,
+and a fixed set of validation windows. Every problem with the files stops with what to do about it.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+
+class TokenData:
+    """One split of a packed token stream. Batch (step, micro) is a pure function of the seed, so
+    a resumed run sees exactly the windows the uninterrupted one would have seen. With N ranks,
+    rank r takes rows [r*B, (r+1)*B) of the same global batch: no overlap between ranks, and the
+    same windows as one process with batch N*B."""
+
+    def __init__(self, folder, split, meta):
+        path = os.path.join(folder, f"{split}.bin")
+        expected = meta[f"{split}_tokens"]
+        if expected == 0:
+            sys.exit(f"error: the {split} split of {folder} is empty: prepare more data (the val split takes ~2% of "
+                     f"the documents, chosen by a hash of each one).")
+        size = os.path.getsize(path) if os.path.exists(path) else -1
+        if size != expected * np.dtype(meta["dtype"]).itemsize:
+            sys.exit(f"error: {path} is missing or has the wrong size ({size} bytes; meta.json says {expected} "
+                     f"{meta['dtype']} tokens): the data is incomplete or corrupt. Delete {folder} and prepare "
+                     f"it again (python data/prepare.py ...).")
+        self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+
+    def random_batch(self, step, micro, batch_size, seq_len, seed, device, rank=0, world=1):
+        rng = np.random.default_rng([seed, step, micro])  # independent stream per (seed, step, micro)
+        starts = rng.integers(0, len(self.tokens) - seq_len, size=batch_size * world)  # window: seq_len + 1
+        return self._windows(starts[rank * batch_size:(rank + 1) * batch_size], seq_len, device)
+
+    def eval_batches(self, n_tokens, batch_size, seq_len, device, rank=0, world=1):
+        """The first n_tokens of the split as consecutive windows, the same for every eval; rank r
+        takes windows r, r + N, ..."""
+        n_windows = max(1, min(n_tokens, len(self.tokens) - 1) // seq_len)
+        n_windows = max(world, n_windows - n_windows % world)  # equal work per rank: collectives stay in step
+        starts = [i * seq_len % (len(self.tokens) - seq_len) for i in range(rank, n_windows, world)]
+        for i in range(0, len(starts), batch_size):
+            yield self._windows(starts[i:i + batch_size], seq_len, device)
+
+    def _windows(self, starts, seq_len, device):
+        rows = torch.from_numpy(np.stack([self.tokens[s:s + seq_len + 1].astype(np.int64) for s in starts]))
+        return rows[:, :-1].to(device), rows[:, 1:].to(device)  # inputs, targets: (B, T) each
+
+
+def load_data(args, rank, default_folder):
+    """-> (meta, train split, val split). The offline default is prepared on first use (by rank 0)."""
+    meta_path = os.path.join(args.data, "meta.json")
+    if not os.path.exists(meta_path) and os.path.abspath(args.data) != os.path.abspath(default_folder):
+        sys.exit(f"error: no prepared data at {args.data} (no meta.json). Prepare it with "
+                 f"`python data/prepare.py ...`, or leave out --data to use the offline default.")
+    if not os.path.exists(meta_path) and rank == 0:
+        print(f"no data at {args.data}: preparing the offline default (Python's standard library source)")
+        from data.prepare import prepare_stdlib
+        prepare_stdlib(args.data)
+    if dist.is_initialized():
+        dist.barrier()  # other ranks wait for rank 0's preparation
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot read {meta_path} ({e}): delete {args.data} and prepare it again.")
+    train, val = TokenData(args.data, "train", meta), TokenData(args.data, "val", meta)
+    if len(train.tokens) <= args.seq_len + 1 or len(val.tokens) <= args.seq_len + 1:
+        sys.exit(f"error: the data at {args.data} is shorter than one sequence of {args.seq_len} tokens")
+    return meta, train, val
