@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -9,3 +10,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # kernels.py is imported (the @triton.jit decorators read it).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small offline data set (the first ~1 MB of the stdlib), prepared once for the whole run."""
+    from data.prepare import prepare_stdlib
+    path = str(tmp_path_factory.mktemp("data") / "stdlib")
+    prepare_stdlib(path, max_bytes=1_000_000)
+    return path

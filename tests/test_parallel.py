@@ -11,18 +11,10 @@ import pytest
 import torch
 
 import train
-from data.prepare import prepare_stdlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "2048", "--log-every", "1", "--max-steps", "4",
           "--eval-every", "2", "--grad-accum", "2"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "stdlib")
-    prepare_stdlib(path, max_bytes=1_000_000)
-    return path
 
 
 def torchrun(*args):

@@ -7,16 +7,8 @@ import torch
 
 import train
 from data.loader import TokenData
-from data.prepare import prepare_stdlib
 
 SMALL = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-tokens", "2048", "--log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("data") / "stdlib")
-    prepare_stdlib(path, max_bytes=1_000_000)
-    return path
 
 
 def read_log(out_dir):
