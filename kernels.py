@@ -340,7 +340,6 @@ def bench(T=8192, dtype=torch.bfloat16):
                                f"{row['triton'][c] / row['dense'][c]:6.2f}" for c in range(4))
             print(f"{model:5} {layer:8} {n_in:5} {n_out:5} | {cells} {W.numel() * W.element_size() / 1e6:5.1f} | "
                   f"{sparse[0]:6.1f} {sparse[1]:6.1f} {sparse[2]:6.1f} | {f:.3f}", flush=True)
-            del sl, W, x, dy, x2, dy2, layout
     print(f"f = sparse-kernel TFLOP/s over dense nn.Linear forward TFLOP/s (median dense {sorted(dense_tflops)[len(dense_tflops) // 2]:.0f}); "
           f"set SPARSE_SPEED (now {SPARSE_SPEED}) to the value at your shapes so route='auto' picks the faster route.")
 

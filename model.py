@@ -8,7 +8,6 @@ Build any size on the meta device (free), then materialise and initialise:
     with torch.device("meta"): model = LLaMA(CONFIGS["7b"])
     model.to_empty(device="cuda"); model.init_weights(seed=0)
 """
-import math
 from dataclasses import dataclass
 
 import torch
