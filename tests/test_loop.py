@@ -1,0 +1,240 @@
+"""train.py's loop against independent references: the gradient that reaches optimizer.step (float64
+recomputation of the full batch, clipped by hand), the schedule (its closed form), the batches (the
+token stream itself), and which optimizer owns each parameter (the docs)."""
+import copy
+import json
+import math
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from data.loader import TokenData
+from model import CONFIGS, LLaMA
+from optim import AdamW8bit, PerLayerOptimizer
+from sltrain import SLLinear, swap_linears
+
+SMALL = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "1024", "--log-every", "1"]
+
+
+def run_one_step(monkeypatch, data_dir, out_dir, *flags):
+    """Run train.py for one step; return the initial weights, every micro-batch it drew, and the
+    gradients as optimizer.step() received them."""
+    seen = dict(batches=[], grads=None, init=None)
+    real_build, real_batch = train.build_optimizer, TokenData.random_batch
+
+    def build(model, args):
+        seen["init"] = copy.deepcopy(model.state_dict())
+        opt = real_build(model, args)
+        real_step = opt.step
+
+        def step(*a, **k):
+            seen["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            return real_step(*a, **k)
+        opt.step = step
+        return opt
+
+    def batch(self, *a, **k):
+        x, y = real_batch(self, *a, **k)
+        seen["batches"].append((x, y))
+        return x, y
+
+    monkeypatch.setattr(train, "build_optimizer", build)
+    monkeypatch.setattr(TokenData, "random_batch", batch)
+    train.main(SMALL + ["--data", data_dir, "--out-dir", str(out_dir), "--max-steps", "1", *flags])
+    monkeypatch.undo()
+    return seen
+
+
+def float64_full_batch_grads(seen, method="sltrain", vocab=257, seq_len=64):
+    """The gradient of the mean loss over all micro-batches at once, in float64, from a model built
+    here from model.py and the initial weights (not through train.py's loop)."""
+    cfg = replace(CONFIGS["tiny"], vocab_size=vocab, max_seq_len=seq_len)
+    model = swap_linears(LLaMA(cfg), method, cfg.rank, cfg.delta, cfg.alpha).init_weights(0)
+    model.load_state_dict(seen["init"])
+    model.double()
+    x = torch.cat([b[0] for b in seen["batches"]])
+    y = torch.cat([b[1] for b in seen["batches"]])
+    _, loss = model(x, y)
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def total_norm(grads):
+    return math.sqrt(sum(g.double().pow(2).sum().item() for g in grads.values()))
+
+
+@pytest.mark.parametrize("batch,accum", [(4, 1), (2, 2), (1, 4)])
+def test_accumulated_gradient_is_the_full_batch_gradient(monkeypatch, data_dir, tmp_path, batch, accum):
+    """K micro-batches of B sequences give the gradient of one batch of K*B (a mean, not a sum)."""
+    seen = run_one_step(monkeypatch, data_dir, tmp_path, "--batch-size", str(batch), "--grad-accum", str(accum))
+    assert len(seen["batches"]) == accum and all(b[0].shape == (batch, 64) for b in seen["batches"])
+    ref = float64_full_batch_grads(seen)
+    assert seen["grads"].keys() == ref.keys()
+    for name, g in seen["grads"].items():
+        torch.testing.assert_close(g.double(), ref[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e3])
+def test_gradient_reaching_the_optimizer_is_clipped(monkeypatch, data_dir, tmp_path, clip):
+    """--grad-clip c: the step sees g * min(1, c / |g|), with |g| the global norm of the full batch."""
+    seen = run_one_step(monkeypatch, data_dir, tmp_path, "--batch-size", "2", "--grad-accum", "2",
+                        "--grad-clip", str(clip))
+    ref = float64_full_batch_grads(seen)
+    norm = total_norm(ref)
+    assert 0.05 < norm < 1e3  # so the two clips are one active and one inactive
+    factor = min(1.0, clip / norm)
+    for name, g in seen["grads"].items():
+        torch.testing.assert_close(g.double(), ref[name] * factor, rtol=1e-4, atol=1e-8, msg=name)
+    assert total_norm(seen["grads"]) <= min(clip, norm) * (1 + 1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the schedule
+
+
+def test_lr_schedule_closed_form():
+    """Linear warmup to lr over `warmup` steps, cosine to 0.1 * lr at max_steps (REFERENCE §2)."""
+    args = train.get_args(["--lr", "2e-3", "--max-steps", "1000", "--warmup", "100"])
+    lr, W, M = 2e-3, 100, 1000
+    expect = {
+        0: lr / W,  # the first step already moves (step 0 of W)
+        W - 1: lr,  # end of warmup
+        W: lr,  # the cosine starts at its peak
+        (W + M) // 2: 0.55 * lr,  # half way down the cosine: 0.1 + 0.9 * 0.5
+        M - 1: lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (M - 1 - W) / (M - W)))),  # the last step
+        M: 0.1 * lr,  # where the cosine ends: 0.1 x lr, not 0
+    }
+    for step, value in expect.items():
+        assert train.lr_at(step, args) == pytest.approx(value, rel=1e-12), step
+    assert all(train.lr_at(s, args) >= 0.1 * lr * (1 - 1e-12) for s in range(W, M + 1))  # after warmup
+
+
+def test_logged_lr_follows_the_schedule(data_dir, tmp_path):
+    train.main(SMALL + ["--data", data_dir, "--out-dir", str(tmp_path), "--batch-size", "1", "--max-steps", "6",
+                        "--warmup", "2", "--lr", "1e-3", "--eval-every", "6"])
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    lrs = {r["step"]: r["lr"] for r in logged if r["type"] == "train"}
+    # record of step s is the lr used for it: step s - 1 counted from 0
+    ref = {1: 5e-4, 2: 1e-3, 6: 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * 3 / 4)))}
+    for s, value in ref.items():
+        assert lrs[s] == pytest.approx(value, rel=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# batches: targets are the inputs shifted by one token of the stream
+
+
+def test_batches_are_windows_of_the_stream_shifted_by_one(data_dir):
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    data = TokenData(data_dir, "train", meta)
+    stream = torch.from_numpy(np.asarray(data.tokens).astype(np.int64))
+    for step in range(3):
+        x, y = data.random_batch(step, 0, 4, 32, seed=5, device="cpu")
+        assert x.shape == y.shape == (4, 32)
+        assert torch.equal(y[:, :-1], x[:, 1:]) and not torch.equal(x, y)
+        for row_x, row_y in zip(x, y):  # each row is a window of the stream, the target one token on
+            start = int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(data.tokens, 32)
+                                       .__eq__(row_x.numpy()).all(1))[0])
+            assert torch.equal(row_y, stream[start + 1:start + 33])
+    val = TokenData(data_dir, "val", meta)
+    vstream = torch.from_numpy(np.asarray(val.tokens).astype(np.int64))
+    for i, (x, y) in enumerate(val.eval_batches(4 * 32, 4, 32, "cpu")):
+        for j in range(x.shape[0]):
+            s = (4 * i + j) * 32
+            assert torch.equal(x[j], vstream[s:s + 32]) and torch.equal(y[j], vstream[s + 1:s + 33])
+
+
+# -----------------------------------------------------------------------------
+# the optimizer: one owner per parameter, the documented state kind, every parameter moves
+
+
+def tiny_model(method):
+    cfg = replace(CONFIGS["tiny"], vocab_size=257, max_seq_len=32)
+    return swap_linears(LLaMA(cfg), method, cfg.rank, cfg.delta, cfg.alpha).init_weights(0)
+
+
+def owners(opt):
+    if isinstance(opt, PerLayerOptimizer):
+        return [p for inner in opt.optimizers.values() for g in inner.param_groups for p in g["params"]]
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+@pytest.mark.parametrize("method", ["full", "lowrank", "sltrain"])
+@pytest.mark.parametrize("flags", [["--optimizer", "adamw"], ["--optimizer", "adamw8bit"],
+                                   ["--optimizer", "adamw8bit", "--per-layer"]], ids=["adamw", "8bit", "8bit-per-layer"])
+def test_every_parameter_has_one_optimizer_the_documented_state_and_moves(method, flags):
+    args = train.get_args(["--method", method, "--lr", "1e-2", *flags])
+    model = tiny_model(method)
+    opt = train.build_optimizer(model, args)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = [id(p) for p in owners(opt)]
+    assert sorted(ids) == sorted(id(p) for p in trainable)  # each exactly once, nothing else
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # sltrain's A gets its first gradient once B (0 at init) has moved
+        model(idx[:, :-1], idx[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    frozen = [n for n, p in model.named_parameters() if p.numel() and torch.equal(p, before[n])]
+    assert not frozen, frozen
+
+    if args.optimizer != "adamw8bit":
+        return
+    # the documented state: fp32 moments for tok_emb and lm_head and for tensors under 4096 elements,
+    # 8-bit codes for every other tensor
+    inner = {p: o for o in (opt.optimizers.values() if args.per_layer else [opt]) for p in owners(o)}
+    for name, p in model.named_parameters():
+        state = inner[p].state[p]
+        fp32 = name in ("tok_emb.weight", "lm_head.weight") or p.numel() < 4096
+        assert isinstance(inner[p], AdamW8bit)
+        assert ("exp_avg" in state) == fp32 and ("m_codes" in state) == (not fp32), name
+        if fp32:
+            assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+        else:
+            assert state["m_codes"].dtype == state["v_codes"].dtype == torch.uint8
+
+
+# -----------------------------------------------------------------------------
+# what only the method under test can learn
+
+
+def markov_batch(generator, vocab=257, batch=16, seq=33):
+    """Each token is followed by one of 2 fixed successors: a bigram a model must put in its blocks when
+    the embeddings and lm_head cannot move."""
+    successors = torch.randint(vocab, (vocab, 2), generator=torch.Generator().manual_seed(0))
+    t = torch.randint(vocab, (batch,), generator=generator)
+    rows = [t]
+    for _ in range(seq - 1):
+        t = successors[t, torch.randint(2, (batch,), generator=generator)]
+        rows.append(t)
+    return torch.stack(rows, 1)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "sltrain"])
+def test_the_block_factors_alone_lower_the_loss(method):
+    """Embeddings, lm_head and norms frozen: only A, B and the sparse values can lower the loss. A
+    backward that drops any of their gradients (or the whole SL path) fails here, while a bigram model
+    in the embeddings would not."""
+    torch.manual_seed(0)
+    model = tiny_model(method)
+    for name, p in model.named_parameters():
+        p.requires_grad_(isinstance(dict(model.named_modules())[name.rsplit(".", 1)[0]], SLLinear))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(trainable) == 3 * 7 * model.cfg.n_layers  # A, B, values of every block linear
+    opt = torch.optim.AdamW(trainable, lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(40):
+        xy = markov_batch(g)
+        loss = model(xy[:, :-1], xy[:, 1:])[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 1.0, (first, last)  # measured: 5.57 -> ~3.3 (lowrank) / ~3.6 (sltrain)
