@@ -68,11 +68,110 @@ def test_rotary_matches_complex_rotation():
     torch.testing.assert_close(rot(x.float()).double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def attention_inputs(monkeypatch, model, idx):
+    """Per block: the attention's input x and the q, k it hands to scaled_dot_product_attention."""
+    xs, qks = [], []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: qks.append((q, k)) or real(q, k, v, *a, **kw))
+    hooks = [b.attn.register_forward_pre_hook(lambda m, args: xs.append(args[0])) for b in model.blocks]
+    with torch.no_grad():
+        model(idx)
+    for h in hooks:
+        h.remove()
+    monkeypatch.undo()
+    return xs, qks
+
+
+def complex_rope(x, theta):
+    """x (B, H, T, hd) float64: channel pairs (2i, 2i+1) as complex numbers times e^{i t theta^(-2i/hd)}."""
+    T, hd = x.shape[-2:]
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    z = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous()) * torch.polar(torch.ones_like(angles), angles)
+    return torch.view_as_real(z).flatten(-2)
+
+
+@pytest.mark.parametrize("method", ["full", "sltrain"])
+def test_rope_rotates_q_and_k_inside_the_model(monkeypatch, method):
+    model = build("tiny", method, vocab=97, device="cpu", max_seq_len=24)
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    xs, qks = attention_inputs(monkeypatch, model, idx)
+    assert len(xs) == len(qks) == model.cfg.n_layers
+    for block, x, (q, k) in zip(model.blocks, xs, qks):
+        H, hd = block.attn.n_heads, block.attn.head_dim
+        with torch.no_grad():
+            for w, got in ((block.attn.wq, q), (block.attn.wk, k)):
+                raw = w(x).view(2, 24, H, hd).transpose(1, 2)  # (B, H, T, hd) before RoPE
+                torch.testing.assert_close(got.double(), complex_rope(raw, model.cfg.rope_theta), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_scores_depend_only_on_relative_position(monkeypatch):
+    """Tokens repeating with period P give the first block periodic q and k before RoPE; with both
+    rotated, the score of (i, j) equals that of (i + P, j + P). Rotating only one of them breaks it."""
+    P, T = 5, 20
+    model = build("tiny", "sltrain", vocab=97, device="cpu", max_seq_len=T)
+    idx = torch.randint(0, 97, (1, P), generator=torch.Generator().manual_seed(1)).repeat(1, T // P)
+    _, qks = attention_inputs(monkeypatch, model, idx)
+    q, k = qks[0]
+    scores = (q.double() @ k.double().transpose(-1, -2))[0]  # (H, T, T)
+    torch.testing.assert_close(scores[:, P:, P:], scores[:, :-P, :-P], rtol=1e-5, atol=1e-6)
+    assert (scores[:, P:, P:] - scores[:, P:, :-P]).abs().max() > 1e-3  # and they do depend on i - j
+
+
+def reference_weight(layer):
+    """A block linear's dense weight in float64; SL layers rebuilt from (row, col) pairs."""
+    if not isinstance(layer, SLLinear):
+        return layer.weight.detach().double()
+    idx = layer.indices.long()
+    S = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
+    S[idx // layer.in_features, idx % layer.in_features] = layer.values.detach().double()
+    return layer.alpha / layer.rank * layer.B.detach().double() @ layer.A.detach().double() + S  # scale = alpha / r
+
+
+def reference_logits(model, idx):
+    """LLaMA written out in float64 from the paper's definition (RMSNorm eps 1e-6, RoPE theta 1e4 on
+    interleaved pairs, causal softmax attention, SwiGLU, untied head), reading only the weights."""
+    def rms(x, w):
+        return x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w.detach().double()
+
+    B, T = idx.shape
+    x = model.tok_emb.weight.detach().double()[idx]  # (B, T, C)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for block in model.blocks:
+        a = block.attn
+        h = rms(x, block.attn_norm.weight)
+        q, k, v = ((h @ reference_weight(w).t()).view(B, T, a.n_heads, -1).transpose(1, 2) for w in (a.wq, a.wk, a.wv))
+        q, k = complex_rope(q, 10000.0), complex_rope(k, 10000.0)
+        scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~causal, float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+        x = x + y @ reference_weight(a.wo).t()
+        h = rms(x, block.mlp_norm.weight)
+        m = block.mlp
+        gate, up = h @ reference_weight(m.w_gate).t(), h @ reference_weight(m.w_up).t()
+        x = x + (gate * torch.sigmoid(gate) * up) @ reference_weight(m.w_down).t()
+    return rms(x, model.norm.weight) @ model.lm_head.weight.detach().double().t()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_matches_a_float64_llama_written_out(method):
+    model = build("tiny", method, vocab=97, device="cpu", max_seq_len=24)
+    with torch.no_grad():  # nonzero B and non-unit norm gains, so every term counts
+        for name, p in model.named_parameters():
+            if name.endswith(".B") or "norm" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, _ = model(idx)
+    torch.testing.assert_close(logits.double(), reference_logits(model, idx), rtol=1e-4, atol=1e-5)
+
+
 def test_loss_is_cross_entropy_and_init_matches_paper():
     model = build("tiny", "sltrain", vocab=97, device="cpu", max_seq_len=16)
     idx = torch.randint(0, 97, (3, 16))
-    logits, loss = model(idx, idx)
-    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 97).double(), idx.reshape(-1))
+    targets = torch.randint(0, 97, (3, 16))
+    logits, loss = model(idx, targets)
+    z = logits.double().reshape(-1, 97)  # reference: mean of logsumexp(z) - z[target], in float64
+    ref = (z.exp().sum(1).log() - z[torch.arange(z.shape[0]), targets.reshape(-1)]).mean()
     assert abs(loss.item() - ref.item()) < 1e-5
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5  # near-uniform at init
     assert abs(model.tok_emb.weight.std().item() - 0.02) < 0.002

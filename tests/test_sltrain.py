@@ -13,7 +13,7 @@ def reference_weight(layer):
     idx = layer.indices.long()
     S = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
     S[idx // layer.in_features, idx % layer.in_features] = values
-    return layer.scale * B @ A + S
+    return layer.alpha / layer.rank * B @ A + S  # scale = alpha / r (the paper)
 
 
 SHAPES = [(16, 16, 4, 0.1), (37, 53, 5, 0.07), (64, 24, 24, 0.03), (7, 3, 1, 0.5), (40, 33, 8, 0.0)]
@@ -38,7 +38,7 @@ def test_forward_and_grads_match_float64_reference(in_f, out_f, rank, delta):
     S[idx // in_f, idx % in_f] = layer.values.detach().double()
     S.requires_grad_()
     xr = x.detach().double().requires_grad_()
-    yr = xr @ (layer.scale * B @ A + S).t()
+    yr = xr @ (layer.alpha / layer.rank * B @ A + S).t()
     yr.backward(dy.double())
 
     tol = dict(rtol=1e-4, atol=1e-4)
