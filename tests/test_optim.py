@@ -138,16 +138,31 @@ def test_fp32_state_is_torch_adamw_bitwise():
     assert torch.equal(ref.state[a]["exp_avg_sq"], opt.state[b]["exp_avg_sq"])
 
 
-def test_bf16_param_updates_in_fp32_then_rounds():
-    """A bf16 parameter steps in fp32 and is rounded once: the fp32 step of the same values, rounded."""
+@pytest.mark.parametrize("n,fp32_state", [(8192, False), (8192, True), (1000, False)],
+                         ids=["8bit-state", "fp32-state", "small-tensor"])
+def test_bf16_param_tracks_torch_adamw_rounded_to_bf16(n, fp32_state):
+    """A bf16 parameter steps in fp32 and is rounded once per step. Reference: torch.optim.AdamW on an
+    fp32 copy, rounded to bf16 after every step. fp32 state: bit for bit. 8-bit state: the first step
+    exactly (the moments are 0 before it), then the displacement within the 8-bit moments' few %."""
     torch.manual_seed(0)
-    p0, grad = torch.randn(8192).bfloat16(), torch.randn(8192).bfloat16()
-    a, b = torch.nn.Parameter(p0.float()), torch.nn.Parameter(p0.clone())
-    a.grad, b.grad = grad.float(), grad.clone()
-    opt_a, opt_b = AdamW8bit([a], lr=1e-2), AdamW8bit([b], lr=1e-2)
-    opt_a.step(), opt_b.step()
-    assert b.dtype == torch.bfloat16 and torch.equal(a.bfloat16(), b)
-    assert torch.equal(opt_a.state[a]["v_codes"], opt_b.state[b]["v_codes"])
+    p0 = torch.randn(n).bfloat16()
+    ref, b = torch.nn.Parameter(p0.float()), torch.nn.Parameter(p0.clone())
+    opt_ref = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1)
+    opt = AdamW8bit([b], lr=1e-2, weight_decay=0.1, fp32_state=fp32_state)
+    for step in range(5):
+        grad = torch.randn(n).bfloat16()
+        ref.grad, b.grad = grad.float(), grad.clone()
+        opt_ref.step()
+        with torch.no_grad():
+            ref.copy_(ref.bfloat16().float())  # what a bf16 weight can hold
+        opt.step()
+        assert b.dtype == torch.bfloat16
+        moved = (b.float() != p0.float()).float().mean().item()
+        assert moved > 0.5  # the updates reach the bf16 weight (lr 1e-2 is above half an ulp at |p| ~ 1)
+        if fp32_state or n < 4096 or step == 0:
+            assert torch.equal(b.float(), ref.detach()), step
+        else:  # displacement from p0 within 6% relative L2 of the reference's (measured 3.1-4.2%, 3 seeds)
+            assert rel(b.float() - p0.float(), ref.detach() - p0.float()) < 0.06, step
 
 
 def test_tracks_fp32_adamw_over_50_steps():
