@@ -17,10 +17,10 @@ COMMON = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "2048", "--log-
           "--eval-every", "2", "--grad-accum", "2"]
 
 
-def torchrun(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(*args, script="train.py", **env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), *args]
+           os.path.join(ROOT, script), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
     return result
 
@@ -45,14 +45,30 @@ def single(data_dir, tmp_path_factory):
     return out
 
 
+CLIP = 0.05  # below the tiny model's gradient norm on these steps (~0.3-1): clipping is active
+
+
+@pytest.fixture(scope="module")
+def single_clipped(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single-clipped")
+    train.main(COMMON + ["--batch-size", "4", "--grad-clip", str(CLIP), "--data", data_dir, "--out-dir", str(out)])
+    return out
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process(data_dir, single, tmp_path, mode):
+def test_two_ranks_match_one_process_and_clip_the_global_norm(data_dir, single_clipped, tmp_path, mode):
+    """With --grad-clip, the gradient reaching optimizer.step has global norm CLIP on 2 ranks (DDP: the
+    all-reduced gradient; FSDP2: DTensor shards, whose norm must be taken across ranks), and the
+    losses equal one process's with the same clipping."""
     # 2112 eval tokens = 33 windows of 64: an uneven split must not hang a collective, and the ranks
     # evaluate 32 of them, the same 32 as the single process's 2048 tokens
-    r = torchrun(*COMMON, "--batch-size", "2", "--eval-tokens", "2112", "--data", data_dir, "--out-dir",
-                 str(tmp_path), "--dist", mode)
+    r = torchrun(*COMMON, "--batch-size", "2", "--eval-tokens", "2112", "--grad-clip", str(CLIP), "--data", data_dir,
+                 "--out-dir", str(tmp_path), "--dist", mode, script="tests/record_grad_norm.py",
+                 GRAD_NORMS=str(tmp_path / "norms.json"))
     assert r.returncode == 0, r.stderr[-3000:]
-    train_ref, val_ref = losses(single)
+    norms = json.load(open(tmp_path / "norms.json"))
+    assert len(norms) == 4 and all(abs(n - CLIP) < 1e-4 * CLIP for n in norms), norms
+    train_ref, val_ref = losses(single_clipped)
     train_dist, val_dist = losses(tmp_path)
     assert_close(train_dist, train_ref)
     assert_close(val_dist, val_ref)
