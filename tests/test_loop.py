@@ -60,6 +60,7 @@ def float64_full_batch_grads(seen, method="sltrain", vocab=257, seq_len=64):
     y = torch.cat([b[1] for b in seen["batches"]])
     _, loss = model(x, y)
     loss.backward()
+    seen["loss"] = loss.item()
     return {n: p.grad for n, p in model.named_parameters()}
 
 
@@ -76,6 +77,8 @@ def test_accumulated_gradient_is_the_full_batch_gradient(monkeypatch, data_dir, 
     assert seen["grads"].keys() == ref.keys()
     for name, g in seen["grads"].items():
         torch.testing.assert_close(g.double(), ref[name], rtol=1e-4, atol=1e-7, msg=name)
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["loss"] for r in logged if r["type"] == "train"] == pytest.approx([seen["loss"]], rel=1e-5)
 
 
 @pytest.mark.parametrize("clip", [0.05, 1e3])
@@ -148,6 +151,28 @@ def test_batches_are_windows_of_the_stream_shifted_by_one(data_dir):
             assert torch.equal(x[j], vstream[s:s + 32]) and torch.equal(y[j], vstream[s + 1:s + 33])
 
 
+@pytest.mark.parametrize("eval_tokens,batch", [(5 * 32, 2), (4 * 32, 4)])
+def test_eval_is_the_mean_loss_over_every_val_token(data_dir, eval_tokens, batch):
+    """The val loss is the mean over all tokens of the first eval_tokens // seq_len windows, a partial
+    last batch included (a mean of batch means would weight it wrongly). Reference: float64, window by
+    window, straight from the stream."""
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    val = TokenData(data_dir, "val", meta)
+    model = tiny_model("sltrain")
+    args = train.get_args(["--eval-tokens", str(eval_tokens), "--batch-size", str(batch), "--seq-len", "32",
+                           "--device", "cpu"])
+    got = train.evaluate(model, val, args, torch.autocast("cpu", enabled=False), rank=0, world=1)
+    stream = torch.from_numpy(np.asarray(val.tokens).astype(np.int64))
+    ref_model = copy.deepcopy(model).double()
+    nll = []
+    with torch.no_grad():
+        for i in range(eval_tokens // 32):
+            logits, _ = ref_model(stream[None, i * 32:(i + 1) * 32])
+            nll.append(torch.nn.functional.cross_entropy(logits[0], stream[i * 32 + 1:(i + 1) * 32 + 1], reduction="none"))
+    assert got == pytest.approx(torch.cat(nll).mean().item(), rel=1e-5)
+    assert model.training  # evaluate() puts the model back in train mode
+
+
 # -----------------------------------------------------------------------------
 # the optimizer: one owner per parameter, the documented state kind, every parameter moves
 
@@ -171,6 +196,9 @@ def test_every_parameter_has_one_optimizer_the_documented_state_and_moves(method
     model = tiny_model(method)
     opt = train.build_optimizer(model, args)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [g for o in (opt.optimizers.values() if args.per_layer else [opt]) for g in o.param_groups]
+    for g in groups:  # the paper's AdamW (REFERENCE §2): betas (0.9, 0.999), weight decay 0
+        assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (1e-2, (0.9, 0.999), 1e-8, 0.0)
     ids = [id(p) for p in owners(opt)]
     assert sorted(ids) == sorted(id(p) for p in trainable)  # each exactly once, nothing else
 
