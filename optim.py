@@ -91,9 +91,13 @@ class Codebook:
         self.lut_count = count.to(torch.uint8)  # (65536,)
         self.lut_threshold = self.thresholds[count]  # (65536,)
         self.zero = int((self.values == 0).nonzero())  # the code of 0, for fresh state
+        # For v: decode the 0 code as the largest value that rounds to it (half the first bin).
+        # A true v below that is stored as 0; decoding it as 0 would divide m by eps alone.
+        self.values_floored = self.values.clone()
+        self.values_floored[self.zero] = 0.0 if signed else self.thresholds[self.zero]
 
     def to(self, device):
-        for name in ("values", "thresholds", "lut_count", "lut_threshold"):
+        for name in ("values", "values_floored", "thresholds", "lut_count", "lut_threshold"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
@@ -110,9 +114,10 @@ class Codebook:
         index += xb.view(-1) > self.lut_threshold.index_select(0, bucket)
         codes.copy_(index[: codes.numel()])
 
-    def dequantize(self, codes, absmax):
-        """codes (L,) uint8, absmax (ceil(L/256),) -> (L,) fp32 values * absmax of their block."""
-        x = self.values.index_select(0, codes.int())
+    def dequantize(self, codes, absmax, floored=False):
+        """codes (L,) uint8, absmax (ceil(L/256),) -> (L,) fp32 values * absmax of their block;
+        floored: the 0 code decodes as the top of its bin (see values_floored)."""
+        x = (self.values_floored if floored else self.values).index_select(0, codes.int())
         return _blocks(x).mul_(absmax[:, None]).view(-1)[: codes.numel()]
 
 
@@ -153,10 +158,12 @@ class AdamW8bit(torch.optim.Optimizer):
 
     Where 8-bit state hurts: v ~ g^2, so its 7 decades cover only 3.5 decades of gradient (m's
     cover 7). An element whose gradients are ~4e-4 of its block's largest has its v rounded to
-    0 while its m survives, and its next step is about m / (sqrt(1 - beta2) |g| + eps): we saw
-    26-140 lr when scales vary by e^+-3 inside blocks, and it reaches m / eps for a row that
-    stops getting gradient (an unseen token's embedding). Scales that vary between blocks
-    rather than inside them are harmless: that is what the per-block absmax is for.
+    0 while its m survives. Decoded as 0, its next step would be m / (sqrt(1 - beta2) |g| + eps),
+    up to m / eps (about 4,700 lr in the test) for an element whose gradient stops. So the update
+    decodes v's 0 code as the largest value that rounds to it, 0.16e-6 * absmax (a floor; stored
+    codes are unchanged): the true v lies below it, so the step is never larger than fp32 AdamW's
+    would be, and it stays finite. Scales that vary between blocks rather than inside them are
+    harmless: that is what the per-block absmax is for.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -227,7 +234,7 @@ class AdamW8bit(torch.optim.Optimizer):
             end = min(start + CHUNK, p.numel())
             blocks = slice(start // BLOCK, -(-end // BLOCK))
             m = book_m.dequantize(state["m_codes"][start:end], state["m_absmax"][blocks])
-            v = book_v.dequantize(state["v_codes"][start:end], state["v_absmax"][blocks])
+            v = book_v.dequantize(state["v_codes"][start:end], state["v_absmax"][blocks], floored=True)
             p32 = p[start:end].float()  # a view for fp32, a copy for bf16
             adamw_update_(p32, g[start:end].float(), m, v, *hyper)
             if p.dtype != torch.float32:
@@ -303,7 +310,7 @@ def adamw8bit_triton_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight
     grid = (triton.cdiv(n, BLOCK * blocks),)
     _adamw8bit_kernel[grid](p, g.contiguous(), state["m_codes"], state["m_absmax"], state["v_codes"], state["v_absmax"],
                             book_m.values, book_m.lut_count, book_m.lut_threshold,
-                            book_v.values, book_v.lut_count, book_v.lut_threshold,
+                            book_v.values_floored, book_v.lut_count, book_v.lut_threshold,
                             n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, (1 - beta2**step) ** 0.5,
                             lr / (1 - beta1**step), QBLOCK=BLOCK, BLOCKS=blocks)
 

@@ -194,6 +194,31 @@ def test_tracks_fp32_adamw_over_50_steps():
     assert drift < 0.03 and worst < 1.5
 
 
+def test_update_stays_bounded_where_v_rounds_to_zero():
+    """An element whose v falls below 0.16e-6 of its block's absmax is stored as v = 0 while its m is
+    not. Step 1: element 0 sets the absmax (g = 1), element 1 gets g = 1e-4 (v = 1e-11, 1e-8 of the
+    absmax: code 0; m = 1e-5, representable). Step 2: element 1's gradient is 0. fp32 AdamW moves it
+    by ~0.67 lr; decoding v as 0 would move it by m_hat / eps ~ 4,700 lr. Every element's update must
+    stay finite and no larger than torch AdamW's."""
+    n, lr = 4096, 1e-3
+    g1, g2 = torch.zeros(n), torch.zeros(n)
+    g1[0], g1[1], g2[0] = 1.0, 1e-4, 1.0
+    g1[2:] = torch.linspace(-1e-3, 1e-3, n - 2)  # and a spread of small gradients, zero at step 2
+    a, b = torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(n))
+    ref, opt = torch.optim.AdamW([a], lr=lr, weight_decay=0.0), AdamW8bit([b], lr=lr, weight_decay=0.0)
+    for g in (g1, g2):
+        before_a, before_b = a.detach().clone(), b.detach().clone()
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step(), opt.step()
+    step_ref, step_8bit = (a - before_a).detach().abs(), (b - before_b).detach().abs()
+    assert opt.state[b]["v_codes"][1] == Codebook(False).zero  # the case under test: v stored as 0
+    assert step_ref[1] == pytest.approx(0.67 * lr, rel=0.02)
+    assert torch.isfinite(b).all()
+    assert 0 < step_8bit[1] <= step_ref[1]  # bounded by fp32's, not frozen
+    # elsewhere the ordinary 8-bit rounding of m and v (measured: at most 1.072x fp32's step)
+    assert torch.all(step_8bit <= step_ref * 1.1 + 1e-12), (step_8bit / step_ref).nan_to_num().max()
+
+
 def test_state_is_under_2_04_bytes_per_param():
     p = torch.nn.Parameter(torch.randn(1 << 20))
     p.grad = torch.randn(1 << 20)
