@@ -2,7 +2,7 @@
 Sample text from a trained run, in nanoGPT's spirit:
 
     python sample.py --out-dir out/tiny-sltrain --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 0
-    python sample.py --bench      # decode tokens/s, merged W vs factorized SL layers (60m, one 7b block)
+    python sample.py --bench      # decode tokens/s, merged W vs factorized SL layers (tiny, 60m, one 7b block)
 
 `load_model(out_dir)` reads any run train.py writes: every method (full, lowrank, sltrain), a
 single-file ckpt.pt, an FSDP2 sharded checkpoint (latest-sharded -> sharded-<step>/rank<r>-of-<N>.pt,
@@ -16,7 +16,8 @@ once per token, so it is bound by the bytes it reads, and an SL layer can be rea
   --decode merged      W = scale * B A + S formed once, one dense (out, in) matrix per layer
   --decode factorized  A, B and S's CSR values and column indices (sltrain.factorized_forward):
                        rank * (in + out) + 2 * nnz numbers instead of in * out, ~0.6 of them at 7b
-`python sample.py --bench` measured both on the project's CPU machine (README, "Use the model").
+  --decode auto        (the default) the faster of the two on the project's CPU machine, by
+                       `python sample.py --bench`: factorized for 60m and up, merged for tiny (choose_decode)
 """
 import argparse
 import copy
@@ -37,7 +38,8 @@ from data.prepare import OfflineError, get_encoding
 from model import CONFIGS, LLaMA, Rotary
 from sltrain import SLLinear, factorized_forward, swap_linears
 
-DECODE_MODES = ("factorized", "merged")  # the first is the default: faster in the --bench measurements
+DECODE_MODES = ("merged", "factorized")
+CACHE_BYTES = 32 * 2**20  # the last-level cache of a CPU (32 MiB on the project machine): see choose_decode
 
 # -----------------------------------------------------------------------------
 # loading a run
@@ -175,6 +177,16 @@ def prepare_decode(model, mode):
     return model
 
 
+def choose_decode(model):
+    """The faster decode mode in `python sample.py --bench` on the project's CPU machine: factorized
+    once the merged SL weights outgrow the cache (60m: 101 MB; each token streams them from memory,
+    so fewer bytes win), merged while they fit (tiny: 3 MB; the cost is per operation, and merged
+    runs one matmul where factorized runs three and a sparse product)."""
+    merged_bytes = sum(m.in_features * m.out_features * m.A.element_size()
+                       for m in model.modules() if isinstance(m, SLLinear))
+    return "factorized" if merged_bytes > CACHE_BYTES else "merged"
+
+
 def next_token(logits, temperature, top_k, generator):
     """logits (B, V) -> sampled ids (B, 1). temperature 0 is greedy; top_k keeps the k likeliest."""
     if temperature == 0:
@@ -215,18 +227,19 @@ def sync(device):
 
 
 def bench(device, repeats=5, n_tokens=64):
-    """Decode tokens/s with merged vs factorized SL layers: the whole 60m model and one 7b block
-    (seven SL layers), vocab 257 so the embeddings do not hide the blocks; random weights. The two
+    """Decode tokens/s with merged vs factorized SL layers: the whole tiny and 60m models and one 7b
+    block (seven SL layers), vocab 257 so the embeddings do not hide the blocks; random weights. The two
     modes alternate, and each keeps its best of `repeats` runs: on a shared machine the best run is
     the one least disturbed by other work."""
     print(f"decode tokens/s on {device}, {torch.get_num_threads()} threads, fp32, batch 1, 16-token prompt then "
           f"{n_tokens} tokens, best of {repeats}")
-    for name, n_layers in (("60m", None), ("7b", 1)):
+    for name, n_layers in (("tiny", None), ("60m", None), ("7b", 1)):
         cfg = replace(CONFIGS[name], vocab_size=257, max_seq_len=256, n_layers=n_layers or CONFIGS[name].n_layers)
         with torch.device("meta"):
             model = swap_linears(LLaMA(cfg), "sltrain", cfg.rank, cfg.delta, cfg.alpha)
         model.to_empty(device=device)
         model.init_weights(seed=0).eval()
+        auto = choose_decode(model)
         models = dict(merged=prepare_decode(copy.deepcopy(model), "merged"),
                       factorized=prepare_decode(model, "factorized"))
         prompt = torch.randint(0, 257, (1, 16), device=device)
@@ -240,7 +253,7 @@ def bench(device, repeats=5, n_tokens=64):
                 speed[mode] = max(speed[mode], n_tokens / (time.perf_counter() - t0))
         label = f"{name} ({cfg.n_layers} block{'s' if cfg.n_layers > 1 else ''})"
         print(f"{label:14} " + " | ".join(f"{mode} {s:8.1f} tok/s" for mode, s in speed.items()) +
-              f" | factorized / merged {speed['factorized'] / speed['merged']:.2f}")
+              f" | factorized / merged {speed['factorized'] / speed['merged']:.2f} | auto: {auto}")
 
 
 # -----------------------------------------------------------------------------
@@ -256,8 +269,9 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens, 0 = all (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text (default: 0)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--decode", choices=DECODE_MODES, default=DECODE_MODES[0],
-                   help="how SL layers decode: from the factors, or one merged dense W (default: factorized)")
+    p.add_argument("--decode", choices=("auto",) + DECODE_MODES, default="auto",
+                   help="how SL layers decode: one merged dense W, or from the factors; auto picks the faster "
+                   "for the model's size (default: auto)")
     p.add_argument("--bench", action="store_true", help="time merged vs factorized decoding, then exit")
     args = p.parse_args(argv)
     if args.bench:
@@ -267,7 +281,9 @@ def main(argv=None):
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         sys.exit("error: --max-new-tokens, --temperature and --top-k must be >= 0")
 
-    model = prepare_decode(load_model(args.out_dir, args.device), args.decode)
+    model = load_model(args.out_dir, args.device)
+    decode = choose_decode(model) if args.decode == "auto" else args.decode
+    prepare_decode(model, decode)
     enc = load_tokenizer(args.out_dir, model.train_config)
     prompt = enc.encode(args.prompt) or [enc.eot_token]  # an empty prompt starts a new document
     if max(prompt) >= model.cfg.vocab_size:
@@ -282,7 +298,7 @@ def main(argv=None):
     text = enc.decode(out[0].tolist())
     print(text)
     print(f"--- {args.max_new_tokens} tokens in {seconds:.2f} s: {args.max_new_tokens / seconds:,.0f} tokens/s "
-          f"({args.decode} decode, {args.device}, {model.checkpoint})", file=sys.stderr)
+          f"({decode} decode, {args.device}, {model.checkpoint})", file=sys.stderr)
     return text
 
 

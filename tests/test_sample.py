@@ -146,3 +146,12 @@ def test_consolidated_model_pt_loads(tiny_run, tmp_path):
     with torch.no_grad():
         a, b = sample.load_model(str(tmp_path))(ids)[0], sample.load_model(tiny_run("full"))(ids)[0]
     assert torch.equal(a, b)
+
+
+def test_auto_decode_follows_the_measurements():
+    """--bench on the project's CPU: merged is faster for tiny, factorized for 60m and a 7b block."""
+    for name, expected in (("tiny", "merged"), ("60m", "factorized"), ("7b", "factorized")):
+        cfg = CONFIGS[name]
+        with torch.device("meta"):
+            model = swap_linears(LLaMA(cfg), "sltrain", cfg.rank, cfg.delta, cfg.alpha)
+        assert sample.choose_decode(model) == expected, name
