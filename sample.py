@@ -15,7 +15,7 @@ Decoding keeps a KV cache (model.py): each new token costs one token's work. It 
 once per token, so it is bound by the bytes it reads, and an SL layer can be read two ways:
   --decode merged      W = scale * B A + S formed once, one dense (out, in) matrix per layer
   --decode factorized  A, B and S's CSR values and column indices (sltrain.factorized_forward):
-                       rank * (in + out) + 2 * nnz numbers instead of in * out, ~0.6 of them at 7b
+                       rank * (in + out) + 2 * nnz numbers instead of in * out: 0.44-0.60 of them at 7b
   --decode auto        (the default) the faster of the two on the project's CPU machine, by
                        `python sample.py --bench`: factorized for 60m and up, merged for tiny (choose_decode)
 """

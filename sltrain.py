@@ -204,9 +204,10 @@ def factorized_forward(layer, x):
 
     Decoding reads every weight once per token, so its speed is the bytes it reads: A and B
     (rank * (in + out) values) plus S in CSR form (nnz values, nnz column indices and out + 1 row
-    offsets) instead of the out * in values of a merged W; about 0.6 of them at the 7b shapes. The
-    CSR tensor comes straight from `indices`, which are already row-major sorted, and is cached on
-    the layer (a plain attribute: never saved) until the values or the support change.
+    offsets) instead of the out * in values of a merged W: 0.44 (gate, up, down) to 0.60 (q, k, v,
+    o) of the bytes at the 7b shapes, fp32 with int32 indices. The CSR tensor comes straight from
+    `indices`, which are already row-major sorted, and is cached on the layer (a plain attribute:
+    never saved) until the values or the support change.
     x: (..., in) -> (..., out). Inference only: no autograd.
     """
     key = (layer.values.data_ptr(), layer.values._version, layer.indices.data_ptr(), layer.indices._version)

@@ -6,12 +6,11 @@ import struct
 
 import pytest
 import torch
+import transformers
 
 import export
 import sample
 from sltrain import METHODS
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("method", METHODS)
