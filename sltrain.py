@@ -207,7 +207,8 @@ def factorized_forward(layer, x):
     offsets) instead of the out * in values of a merged W: 0.44 (gate, up, down) to 0.60 (q, k, v,
     o) of the bytes at the 7b shapes, fp32 with int32 indices. The CSR tensor comes straight from
     `indices`, which are already row-major sorted, and is cached on the layer (a plain attribute:
-    never saved) until the values or the support change.
+    never saved) until the values or the support change. On the CPU it holds fp32 values: torch's
+    CPU sparse product has no bf16 kernel.
     x: (..., in) -> (..., out). Inference only: no autograd.
     """
     key = (layer.values.data_ptr(), layer.values._version, layer.indices.data_ptr(), layer.indices._version)
@@ -218,10 +219,12 @@ def factorized_forward(layer, x):
         row_ptr[1:] = torch.bincount(rows, minlength=n_out).cumsum(0)  # entries of row i: row_ptr[i]:row_ptr[i+1]
         with warnings.catch_warnings():  # torch flags its CSR tensors as beta on first use
             warnings.simplefilter("ignore")
-            layer._csr = torch.sparse_csr_tensor(row_ptr, layer.indices % n_in, layer.values.detach(),
-                                                 (n_out, n_in), check_invariants=False)
+            values = layer.values.detach().float() if layer.values.is_cpu else layer.values.detach()
+            layer._csr = torch.sparse_csr_tensor(row_ptr, layer.indices % n_in, values, (n_out, n_in),
+                                                 check_invariants=False)
         layer._csr_key = key
     x2 = x.reshape(-1, layer.in_features)  # (N, in)
     y = (x2 @ layer.A.t()) @ layer.B.t()  # (N, r) then (N, out): the low-rank product, never B @ A
-    y = y.mul_(layer.scale).add_((layer._csr @ x2.t()).t())  # + (S x^T)^T: (out, in) @ (in, N) -> (N, out)
+    sparse = layer._csr @ x2.t().to(layer._csr.dtype)  # S x^T: (out, in) @ (in, N) -> (out, N)
+    y = y.mul_(layer.scale).add_(sparse.t().to(y.dtype))  # (N, out)
     return y.reshape(*x.shape[:-1], layer.out_features)
