@@ -74,7 +74,7 @@ def read_sharded(out_dir, pointer):
     """Join the N rank files of an FSDP2 checkpoint into one state dict, in one process. Each
     rank saved its DTensors: FSDP2 shards every parameter along dim 0 into N chunks (torch.chunk,
     so the last ones may be shorter or empty), so concatenating the local pieces in rank order
-    gives the full tensor. Buffers (the supports, RoPE) are plain tensors, the same on every rank."""
+    gives the full tensor. Buffers (the supports) are plain tensors, the same on every rank."""
     folder = os.path.join(out_dir, open(pointer).read().strip())
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     if not names or not names[0].startswith("rank"):
@@ -285,7 +285,7 @@ def main(argv=None):
     decode = choose_decode(model) if args.decode == "auto" else args.decode
     prepare_decode(model, decode)
     enc = load_tokenizer(args.out_dir, model.train_config)
-    prompt = enc.encode(args.prompt) or [enc.eot_token]  # an empty prompt starts a new document
+    prompt = enc.encode(args.prompt, allowed_special="all") or [enc.eot_token]  # empty: a new document
     if max(prompt) >= model.cfg.vocab_size:
         sys.exit(f"error: the prompt has tokens beyond the model's vocabulary of {model.cfg.vocab_size}")
     ids = torch.tensor([prompt], device=args.device)
