@@ -7,6 +7,9 @@ the block linears, train.py wraps the model.
 Build any size on the meta device (free), then materialise and initialise:
     with torch.device("meta"): model = LLaMA(CONFIGS["7b"])
     model.to_empty(device="cuda"); model.init_weights(seed=0)
+
+Decoding (sample.py) keeps each layer's keys and values in a KVCache, so a new token costs one
+token's work: model.setup_cache(), then model(prompt, start_pos=0), model(next_id, start_pos=T), ...
 """
 from dataclasses import dataclass
 
@@ -73,9 +76,9 @@ class Rotary(nn.Module):
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
 
-    def forward(self, x):  # x: (B, H, T, hd)
+    def forward(self, x, start=0):  # x: (B, H, T, hd) at positions start .. start + T - 1
         T = x.shape[-2]
-        cos, sin = self.cos[:T], self.sin[:T]  # (T, hd/2)
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, hd/2)
         x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, H, T, hd/2) each
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
         return out.type_as(x)
@@ -90,13 +93,49 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.rotary = Rotary(self.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.cache = None  # a KVCache while decoding (LLaMA.setup_cache); a plain attribute, never saved
 
-    def forward(self, x):
+    def forward(self, x, start_pos=None):
+        """start_pos None: the whole sequence, causal (training). An int: x holds the positions
+        start_pos .. start_pos + T - 1, and the keys and values of the earlier ones come from the cache."""
         B, T, C = x.shape
         q, k, v = (w(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        q, k = self.rotary(q), self.rotary(k)  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        q, k = self.rotary(q, start_pos or 0), self.rotary(k, start_pos or 0)  # (B, H, T, hd)
+        if start_pos is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = self.cache.update(start_pos, k, v)  # (B, H, start_pos + T, hd)
+            # query t sits at position start_pos + t and sees keys 0 .. start_pos + t. SDPA's is_causal
+            # aligns the mask to the top left, which is wrong once keys outnumber queries; one new
+            # token (T = 1) sees every key and needs no mask at all.
+            mask = None
+            if T > 1:
+                mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)  # (T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class KVCache:
+    """The keys and values of every position decoded so far, so that a new token computes only its
+    own: the per-token cost of the linears no longer grows with the length (attention still reads
+    all earlier keys, one dot product each). Buffers are (B, H, max_len, hd), allocated on first use
+    in the dtype and device of the keys."""
+
+    def __init__(self, max_len):
+        self.max_len, self.k, self.v = max_len, None, None
+
+    def update(self, start, k, v):
+        """Store k, v (B, H, T, hd) at positions start .. start + T - 1; return keys and values of
+        positions 0 .. start + T - 1."""
+        B, H, T, hd = k.shape
+        if start + T > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; positions up to {start + T} asked")
+        if self.k is None or self.k.shape[0] != B or self.k.dtype != k.dtype:
+            self.k = k.new_zeros(B, H, self.max_len, hd)
+            self.v = v.new_zeros(B, H, self.max_len, hd)
+        self.k[:, :, start:start + T] = k
+        self.v[:, :, start:start + T] = v
+        return self.k[:, :, :start + T], self.v[:, :, :start + T]
 
 
 class SwiGLU(nn.Module):
@@ -118,8 +157,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x, start_pos=None):
+        x = x + self.attn(self.attn_norm(x), start_pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -141,13 +180,21 @@ class LLaMA(nn.Module):
                 init_module(module)
         return self
 
-    def forward(self, idx, targets=None):
-        """idx: (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets."""
-        if idx.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {idx.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
+    def setup_cache(self, enabled=True):
+        """Give every attention layer an empty KV cache of max_seq_len positions (or remove them).
+        Then forward(idx, start_pos=p) treats idx as the positions p, p + 1, ... of the sequence."""
+        for block in self.blocks:
+            block.attn.cache = KVCache(self.cfg.max_seq_len) if enabled else None
+
+    def forward(self, idx, targets=None, start_pos=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy if targets.
+        start_pos: decode with the KV cache (setup_cache), idx being positions start_pos and on."""
+        if (start_pos or 0) + idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {(start_pos or 0) + idx.shape[1]} exceeds max_seq_len "
+                             f"{self.cfg.max_seq_len}")
         x = self.tok_emb(idx)  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, start_pos)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits, None

@@ -412,6 +412,8 @@ def main(argv=None):
             save_checkpoint(args, rank, raw_model, optimizer, step)
     if log:
         log.close()
+    say(f"use the model:\n  python sample.py --out-dir {args.out_dir} --max-new-tokens 200\n"
+        f"  python eval.py --out-dir {args.out_dir}\n  python export.py --out-dir {args.out_dir} --hf-dir {args.out_dir}/hf")
     parallel.teardown(args)
     return raw_model
 

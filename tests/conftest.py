@@ -19,3 +19,23 @@ def data_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("data") / "stdlib")
     prepare_stdlib(path, max_bytes=1_000_000)
     return path
+
+
+# the flags of a quick tiny run: a few steps, one eval and checkpoint at the end
+TINY_RUN = ["--model", "tiny", "--seq-len", "64", "--batch-size", "4", "--max-steps", "3", "--eval-every", "3",
+            "--eval-tokens", "2048", "--log-every", "1", "--grad-accum", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_dir, tmp_path_factory):
+    """tiny_run(method) -> the folder of a 3-step train.py run of that method (made once per session)."""
+    import train
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"run-{method}")
+            train.main(TINY_RUN + ["--method", method, "--data", data_dir, "--out-dir", str(out)])
+            runs[method] = str(out)
+        return runs[method]
+    return get

@@ -1,0 +1,60 @@
+"""
+Evaluate a run's checkpoint without training: validation loss and perplexity.
+
+    python eval.py --out-dir out/tiny-sltrain                       # on the run's own val split
+    python eval.py --out-dir out/60m-sltrain --data data/c4 --eval-tokens 10000000
+
+The model comes from sample.load_model (any method, single-file or sharded checkpoint); the
+windows and the loss are train.py's own (train.evaluate on data.loader's fixed val windows), so
+the figure equals the eval record the run logged at that step with the same --eval-tokens.
+"""
+import argparse
+import math
+import sys
+
+import torch
+
+import train
+from data.loader import load_data
+from sample import load_model, load_tokenizer
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-dir", help="the run's folder (train.py's --out-dir)")
+    p.add_argument("--data", help="folder made by data/prepare.py (default: the run's own data)")
+    p.add_argument("--eval-tokens", type=int, help="validation tokens (default: the run's --eval-tokens)")
+    p.add_argument("--batch-size", type=int, help="sequences per forward (default: the run's --batch-size)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast compute dtype (default: the run's)")
+    args = p.parse_args(argv)
+    if args.out_dir is None:
+        sys.exit("error: --out-dir is required: the folder of a run train.py wrote")
+    if (args.eval_tokens is not None and args.eval_tokens < 1) or (args.batch_size is not None and args.batch_size < 1):
+        sys.exit("error: --eval-tokens and --batch-size must be >= 1")
+
+    model = load_model(args.out_dir, args.device)
+    run = argparse.Namespace(**model.train_config)
+    # the run's flags, with this command's choices on top: what train.evaluate and load_data read
+    run.device, run.dist = args.device, "none"
+    run.dtype = args.dtype or ("float32" if args.device == "cpu" else run.dtype)
+    run.data = args.data or run.data
+    run.eval_tokens = args.eval_tokens or run.eval_tokens
+    run.batch_size = args.batch_size or run.batch_size
+    meta, _, val = load_data(run, 0, train.DEFAULT_DATA)
+    tokenizer = load_tokenizer(args.out_dir, model.train_config).name
+    if meta.get("tokenizer") != tokenizer or meta["vocab_size"] > model.cfg.vocab_size:
+        sys.exit(f"error: {run.data} is tokenized with {meta.get('tokenizer')!r} (vocab {meta['vocab_size']}), the "
+                 f"run with {tokenizer!r} (vocab {model.cfg.vocab_size}): evaluate on data prepared the same way")
+
+    dtype = getattr(torch, run.dtype)
+    autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    loss = train.evaluate(model, val, run, autocast, rank=0, world=1)
+    n_tokens = max(1, min(run.eval_tokens, len(val.tokens) - 1) // run.seq_len) * run.seq_len  # as eval_batches
+    print(f"{model.checkpoint}: val loss {loss:.4f} | val ppl {math.exp(loss):.2f} | {n_tokens:,} tokens of "
+          f"{run.data} in windows of {run.seq_len}, {run.dtype}")
+    return loss
+
+
+if __name__ == "__main__":
+    main()
