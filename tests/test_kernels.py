@@ -176,9 +176,10 @@ def grad_fn_of(layer, x):
 def test_forced_routes_and_cpu_auto(device, monkeypatch):
     layer = make_layer(20, 24, 3, 0.2, device)
     x = torch.randn(9, 20, device=device)
-    cpu_layer = make_layer(20, 24, 3, 0.2, "cpu")
-    assert sltrain.route(torch.randn(9, 20), cpu_layer) == "dense"  # auto never takes Triton off CUDA
-    assert "SLLinearFunction" in grad_fn_of(cpu_layer, torch.randn(9, 20))
+    cpu_layer = make_layer(20, 24, 16, 0.2, "cpu")  # one token at rank 16: the cost model alone says Triton
+    assert sltrain.choose_route(1, 20, 24, 16, cpu_layer.nnz) == "triton"
+    assert sltrain.route(torch.randn(1, 20), cpu_layer) == "dense"  # but auto never takes it off CUDA
+    assert "SLLinearFunction" in grad_fn_of(cpu_layer, torch.randn(1, 20))
     monkeypatch.setattr(sltrain, "ROUTE", "triton")  # what SLTRAIN_ROUTE=triton sets at import
     assert "SLLinearTriton" in grad_fn_of(layer, x)
     monkeypatch.setattr(sltrain, "ROUTE", "dense")
