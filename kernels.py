@@ -342,10 +342,10 @@ def launches():
                    dict(ACC=acc, BLOCK_ROWS=b.BLOCK_ROWS, BLOCK_T=b.BLOCK_T, TOKENS_PER_PROGRAM=b.TOKENS_PER_PROGRAM),
                    b.num_warps)
     blocks = inspect.signature(optim.adamw8bit_triton_).parameters["blocks"].default
-    scalars = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "bias2_sqrt", "step_size")
-    for p in ("bf16", "fp32"):
-        types = {a: "*u8" if "codes" in a or "count" in a else "*fp32" for a in optim._adamw8bit_kernel.arg_names if a.endswith("_ptr")}
-        types.update(p_ptr="*" + p, g_ptr="*" + p, **{a: "fp32" for a in scalars})
+    for p in ("bf16", "fp32"):  # codes and lookup counts are uint8; tables, absmax and scalars fp32
+        types = {a: ("*u8" if "codes" in a or "count" in a else "*fp32") if a.endswith("_ptr") else "fp32"
+                 for a in optim._adamw8bit_kernel.arg_names}
+        types.update(p_ptr="*" + p, g_ptr="*" + p, n="i32")
         yield ("_adamw8bit_kernel", p, optim._adamw8bit_kernel, types, dict(QBLOCK=optim.BLOCK, BLOCKS=blocks),
                4)  # the launcher passes no num_warps: Triton's default
 
@@ -367,11 +367,10 @@ def compile_report(archs=(80, 90)):
                 k = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs, aligned),
                                    target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
             assert "spill stores" in log.getvalue(), "ptxas printed no spill report"
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "kernel.cubin")
-                with open(path, "wb") as f:
-                    f.write(k.asm["cubin"])
-                usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(k.asm["cubin"])
+                cubin.flush()
+                usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
             res = {key: int(n) for key, n in re.findall(r"(\w+):(\d+)", usage.split("Function")[-1])}
             shared = res["SHARED"] + k.metadata.shared  # static + the dynamic amount each launch asks for
             yield dict(kernel=name, arch=arch, dtype=dtype, registers=res["REG"],
