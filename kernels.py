@@ -118,13 +118,16 @@ class SupportLayout:
 #
 # Registers (`python kernels.py --compile-report`, sm_90, bf16, default Blocks). A program's tile is
 # BLOCK_ROWS x BLOCK_T = 32 x 64 cells over 4 warps, 16 cells per thread: an fp32 accumulator or
-# product each, plus the gathered element. If the start of a gathered row may be anywhere, every
-# cell needs its own 64-bit address and its own 2-byte load: 157 registers (spmm, dx) and 233
+# product each, plus the gathered element. If the start of a gathered row may be anywhere (a row
+# stride of T tokens, T not a multiple of 16: Triton specializes launches only on multiples of 16),
+# every cell needs its own 64-bit address and its own 2-byte load: 157 registers (spmm, dx) and 233
 # (sddmm), so 3 and 2 blocks (12 and 8 of 64 warps) fit on an SM, for kernels that wait on
 # gathers. The launchers therefore pad every transposed row to a multiple of 16 elements
 # (_transposed) and the kernels tell the compiler (tl.multiple_of): a thread's 8 consecutive
-# tokens become one 16-byte load from one address. 72 registers (spmm) and 64 (sddmm): 7 and 8
-# blocks, 28 and 32 resident warps.
+# tokens then share one 64-bit address (offsets 0, 2, .., 14 bytes in the instruction). 72
+# registers (spmm) and 64 (sddmm): 7 and 8 blocks, 28 and 32 resident warps. The loads stay 2-byte
+# ones: the token mask t < T has no known alignment (masking at a multiple of BLOCK_T over
+# zero-padded rows would let them become 16-byte vectors, at about the same register count).
 
 
 @triton.jit
@@ -200,7 +203,7 @@ def _acc(dtype):
 
 def _transposed(a):
     """a (Tc, n) -> a^T (n, Tc), a view whose rows start every multiple of 16 elements (the rows
-    are padded), as the kernels promise the compiler: it then loads 8 bf16 tokens at a time."""
+    are padded), as the kernels promise the compiler (see the register note above the kernels)."""
     Tc, n = a.shape
     padded = torch.empty(n, -(-Tc // 16) * 16, dtype=a.dtype, device=a.device)
     padded[:, :Tc].copy_(a.t())
