@@ -62,11 +62,9 @@ Memory: nothing of size (out, in), ever. Saved for backward besides the inputs: 
 At T = 8192, bf16: 7b gate/up 31 + 17 MB vs the dense weight's 90 MB; 7b q/k/v/o 17 + 17 vs
 34 MB; 1b q/k/v/o 8 + 8 vs 8 MB (there z alone is as large as W).
 
-Routes: sltrain.route(x, layer) alone decides which route an SLLinear takes ("auto" by the cost
-model above on CUDA, always the dense route on CPU; SLTRAIN_ROUTE forces one). This module imports
-sltrain.py, never the reverse: importing it installs the factorized route as sltrain.triton_forward,
-and a layer's SupportLayout is built the first time that route runs on it. Tests run the Triton
-route on CPU through TRITON_INTERPRET=1.
+Routes: sltrain.route(x, layer) alone picks a layer's route (by the cost model above on CUDA; the
+dense route on CPU, where tests force the Triton one through TRITON_INTERPRET=1). This module imports
+sltrain.py, never the reverse: importing it installs layer_forward as sltrain.triton_forward.
 """
 import contextlib
 import io
@@ -384,10 +382,8 @@ def compile_report(archs=(80, 90)):
 # -----------------------------------------------------------------------------
 # benchmark: python kernels.py --bench (a CUDA GPU only)
 
-SHAPES = {  # name: (dim, ffn, rank, delta)
-    "60m": (512, 1376, 128, 0.03), "130m": (768, 2048, 256, 0.03), "350m": (1024, 2736, 256, 0.03),
-    "1b": (2048, 5461, 512, 0.03), "7b": (4096, 11008, 1024, 0.05),
-}
+SHAPES = {"60m": (512, 1376, 128, 0.03), "130m": (768, 2048, 256, 0.03), "350m": (1024, 2736, 256, 0.03),
+          "1b": (2048, 5461, 512, 0.03), "7b": (4096, 11008, 1024, 0.05)}  # name: (dim, ffn, rank, delta)
 
 
 def bench(T=8192, dtype=torch.bfloat16):
@@ -445,15 +441,14 @@ def bench(T=8192, dtype=torch.bfloat16):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--compile-report"]:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            sys.exit("kernels.py --compile-report compiles real kernels: unset TRITON_INTERPRET")
+    if sys.argv[1:] not in (["--compile-report"], ["--bench"]):
+        sys.exit("usage: python kernels.py --compile-report | --bench")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("kernels.py compiles real kernels: unset TRITON_INTERPRET (interpreter timings are not kernel speed)")
+    if sys.argv[1] == "--compile-report":
         for row in compile_report():
             print(json.dumps(row), flush=True)
-        sys.exit()
-    if sys.argv[1:] != ["--bench"]:
-        sys.exit("usage: python kernels.py --bench | --compile-report")
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("kernels.py --bench needs a CUDA GPU and compiled Triton kernels (TRITON_INTERPRET unset); "
-                 "none here, so nothing is measured: interpreter timings are not kernel speed.")
-    bench()
+    elif not torch.cuda.is_available():
+        sys.exit("kernels.py --bench needs a CUDA GPU; none here, so nothing is measured")
+    else:
+        bench()
