@@ -56,26 +56,31 @@ densified tiles gives f ~ delta at best (each sparse product as dear as a dense 
 of low-rank + 1 > 1). The model therefore predicts the factorized route
 beats dense nn.Linear at training shapes only if the sparse kernels sustain f >= .05-.10; it
 wins at small T (decoding, small micro-batches), where the dense route's 4 in out r densify
-cost dominates. `python kernels.py --bench` measures f; set SPARSE_SPEED from it.
+cost dominates. `python kernels.py --bench` measures f; set sltrain.SPARSE_SPEED from it.
 Memory: nothing of size (out, in), ever. Saved for backward besides the inputs: z = x A^T
 (T, r). Workspace: TOKEN_CHUNK (in + out) transposed elements, dz (T, r), dvalues in fp32.
 At T = 8192, bf16: 7b gate/up 31 + 17 MB vs the dense weight's 90 MB; 7b q/k/v/o 17 + 17 vs
 34 MB; 1b q/k/v/o 8 + 8 vs 8 MB (there z alone is as large as W).
 
-Routes: sl_linear(..., route=) with "dense", "triton" or "auto" (the default, or the
-SLTRAIN_ROUTE environment variable): on CPU auto is the PyTorch dense route; on CUDA it is the
-cheaper route by the model above. Tests force "triton" on CPU through TRITON_INTERPRET=1.
+Routes: sltrain.route(x, layer) alone picks a layer's route (by the cost model above on CUDA; the
+dense route on CPU, where tests force the Triton one through TRITON_INTERPRET=1). This module imports
+sltrain.py, never the reverse: importing it installs layer_forward as sltrain.triton_forward.
 """
+import contextlib
+import io
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-ROUTE = os.environ.get("SLTRAIN_ROUTE", "auto")  # "auto" | "dense" | "triton"
-SPARSE_SPEED = 0.02  # f above: sparse-kernel FLOP/s over dense matmul FLOP/s (a guess; --bench measures it)
+import sltrain
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,19 @@ class SupportLayout:
 
 # -----------------------------------------------------------------------------
 # kernels
+#
+# Registers (`python kernels.py --compile-report`, sm_90, bf16, default Blocks). A program's tile is
+# BLOCK_ROWS x BLOCK_T = 32 x 64 cells over 4 warps, 16 cells per thread: an fp32 accumulator or
+# product each, plus the gathered element. If the start of a gathered row may be anywhere (a row
+# stride of T tokens, T not a multiple of 16: Triton specializes launches only on multiples of 16),
+# every cell needs its own 64-bit address and its own 2-byte load: 157 registers (spmm, dx) and 233
+# (sddmm), so 3 and 2 blocks (12 and 8 of 64 warps) fit on an SM, for kernels that wait on
+# gathers. The launchers therefore pad every transposed row to a multiple of 16 elements
+# (_transposed) and the kernels tell the compiler (tl.multiple_of): a thread's 8 consecutive
+# tokens then share one 64-bit address (offsets 0, 2, .., 14 bytes in the instruction). 72
+# registers (spmm) and 64 (sddmm): 7 and 8 blocks, 28 and 32 resident warps. The loads stay 2-byte
+# ones: the token mask t < T has no known alignment (masking at a multiple of BLOCK_T over
+# zero-padded rows would let them become 16-byte vectors, at about the same register count).
 
 
 @triton.jit
@@ -118,7 +136,8 @@ def spmm_kernel(out_ptr, src_t_ptr, values_ptr, indices_ptr, ptr_ptr, order_ptr,
 
     M = S  (TRANSPOSED=False): g = row i of S, c_e = its column j_e,  src^T = x^T:  y  += x S^T
     M = S^T (TRANSPOSED=True): g = column j,   c_e = its row i_e,     src^T = dy^T: dx += dy S
-    out (T, n_rows) holds the low-rank part already; src_t (n_cols, T) is token-contiguous.
+    out (T, n_rows) holds the low-rank part already; src_t (n_cols, T) is token-contiguous, its
+    stride_src a multiple of 16 (see _transposed).
     """
     g = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) rows of M
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) tokens
@@ -135,7 +154,8 @@ def spmm_kernel(out_ptr, src_t_ptr, values_ptr, indices_ptr, ptr_ptr, order_ptr,
             e = start + k
             c = tl.load(indices_ptr + e, mask=live, other=0) % n_in  # its column j_e
         m = tl.load(values_ptr + e, mask=live, other=0).to(ACC)  # (BLOCK_ROWS,) M_e
-        src = tl.load(src_t_ptr + c.to(tl.int64)[:, None] * stride_src + t[None, :],
+        row = tl.multiple_of(c.to(tl.int64) * stride_src, 16)  # (BLOCK_ROWS,) row starts, 16-aligned
+        src = tl.load(src_t_ptr + row[:, None] + t[None, :],
                       mask=live[:, None] & t_ok[None, :], other=0).to(ACC)  # (BLOCK_ROWS, BLOCK_T) gathered rows
         acc += m[:, None] * src
     out = out_ptr + t[None, :].to(tl.int64) * stride_out + g[:, None]  # out[t, g] seen as (BLOCK_ROWS, BLOCK_T)
@@ -155,12 +175,12 @@ def sddmm_kernel(dvalues_ptr, dy_t_ptr, x_t_ptr, indices_ptr, row_ptr_ptr,
     i_ok = i < n_out
     start = tl.load(row_ptr_ptr + i, mask=i_ok, other=0)
     end = tl.load(row_ptr_ptr + i + 1, mask=i_ok, other=0)
-    dy_rows = dy_t_ptr + i.to(tl.int64)[:, None] * stride_dy
+    dy_rows = dy_t_ptr + tl.multiple_of(i.to(tl.int64) * stride_dy, 16)[:, None]  # strides: see _transposed
     for k in range(0, tl.max(end - start, axis=0)):  # the k-th entry of every row at once
         e = start + k
         live = e < end
         j = tl.load(indices_ptr + e, mask=live, other=0) % n_in  # (BLOCK_ROWS,) its column
-        x_rows = x_t_ptr + j.to(tl.int64)[:, None] * stride_x
+        x_rows = x_t_ptr + tl.multiple_of(j.to(tl.int64) * stride_x, 16)[:, None]
         acc = tl.zeros((BLOCK_ROWS,), ACC)
         for t0 in range(0, TOKENS_PER_PROGRAM, BLOCK_T):
             t = t_first + t0 + tl.arange(0, BLOCK_T)
@@ -179,12 +199,21 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _transposed(a):
+    """a (Tc, n) -> a^T (n, Tc), a view whose rows start every multiple of 16 elements (the rows
+    are padded), as the kernels promise the compiler (see the register note above the kernels)."""
+    Tc, n = a.shape
+    padded = torch.empty(n, -(-Tc // 16) * 16, dtype=a.dtype, device=a.device)
+    padded[:, :Tc].copy_(a.t())
+    return padded[:, :Tc]
+
+
 def sparse_matmul(out, src, values, indices, ptr, order, n_in, blocks):
     """out += src M^T in place (see spmm_kernel); out (T, n_rows), src (T, n_cols)."""
     T, n_rows = out.shape
     for t0 in range(0, T, blocks.TOKEN_CHUNK):
         out_c = out[t0:t0 + blocks.TOKEN_CHUNK]  # (Tc, n_rows) view
-        src_t = src[t0:t0 + blocks.TOKEN_CHUNK].t().contiguous()  # (n_cols, Tc), freed after the launch
+        src_t = _transposed(src[t0:t0 + blocks.TOKEN_CHUNK])  # (n_cols, Tc), freed after the launch
         grid = (triton.cdiv(n_rows, blocks.BLOCK_ROWS), triton.cdiv(out_c.shape[0], blocks.BLOCK_T))
         spmm_kernel[grid](out_c, src_t, values, indices, ptr, ptr if order is None else order,
                           out_c.shape[0], n_rows, n_in, out_c.stride(0), src_t.stride(0),
@@ -198,8 +227,8 @@ def sampled_dense(dy, x, indices, row_ptr, n_in, blocks, dtype):
     dvalues = torch.zeros(nnz, dtype=dtype, device=dy.device)
     assert blocks.TOKENS_PER_PROGRAM % blocks.BLOCK_T == 0
     for t0 in range(0, T, blocks.TOKEN_CHUNK):
-        dy_t = dy[t0:t0 + blocks.TOKEN_CHUNK].t().contiguous()  # (out, Tc)
-        x_t = x[t0:t0 + blocks.TOKEN_CHUNK].t().contiguous()  # (in, Tc)
+        dy_t = _transposed(dy[t0:t0 + blocks.TOKEN_CHUNK])  # (out, Tc)
+        x_t = _transposed(x[t0:t0 + blocks.TOKEN_CHUNK])  # (in, Tc)
         grid = (triton.cdiv(n_out, blocks.BLOCK_ROWS), triton.cdiv(dy_t.shape[1], blocks.TOKENS_PER_PROGRAM))
         sddmm_kernel[grid](dvalues, dy_t, x_t, indices, row_ptr, dy_t.shape[1], n_out, n_in,
                            dy_t.stride(0), x_t.stride(0), ACC=_acc(dtype), BLOCK_ROWS=blocks.BLOCK_ROWS,
@@ -252,47 +281,114 @@ class SLLinearTriton(torch.autograd.Function):
         return dx, dA, dB, dvalues, None, None, None, None
 
 
-def choose_route(T, in_features, out_features, rank, nnz):
-    """The cheaper route by the cost model above, in tensor-core multiply-adds."""
-    dense_route = 3 * T * in_features * out_features + 4 * in_features * out_features * rank
-    factorized = 3 * T * rank * (in_features + out_features) + 3 * T * nnz / SPARSE_SPEED
-    return "triton" if factorized < dense_route else "dense"
-
-
-def sl_linear(x, A, B, values, indices, scale, layout=None, route=None, blocks=None):
-    """y = x (scale * B A + S)^T for x (..., in), differentiable in x, A, B and values.
-
-    route: "dense" (sltrain.SLLinearFunction), "triton" (SLLinearTriton) or "auto"; None means
-    the module's ROUTE. layout: the layer's SupportLayout (built here when None).
-    """
-    route = route or ROUTE
-    if route == "auto":
-        T = x.numel() // x.shape[-1]
-        route = choose_route(T, A.shape[1], B.shape[0], A.shape[0], values.numel()) if x.is_cuda else "dense"
-    if route == "dense":
-        from sltrain import SLLinearFunction  # sltrain imports this module lazily; no cycle at import time
-        return SLLinearFunction.apply(x, A, B, values, indices, scale)
-    if route != "triton":
-        raise ValueError(f"route must be 'auto', 'dense' or 'triton', got {route!r}")
+def sl_linear(x, A, B, values, indices, scale, layout=None, blocks=None):
+    """y = x (scale * B A + S)^T for x (..., in) by the factorized route, differentiable in x, A, B
+    and values. layout: the layer's SupportLayout (built here when None)."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the triton route on CPU tensors needs TRITON_INTERPRET=1 set before importing kernels")
     layout = layout if layout is not None else SupportLayout(indices, B.shape[0], A.shape[1])
     return SLLinearTriton.apply(x, A, B, values, indices, scale, layout, blocks or Blocks())
 
 
+def support_layout(layer):
+    """The layer's SupportLayout, built on the first Triton-route call and kept on the layer until
+    `indices` is rewritten (reset_parameters, load_state_dict) or moved."""
+    key = (layer.indices.device, layer.indices.data_ptr(), layer.indices._version)
+    if getattr(layer, "_layout_key", None) != key:  # plain attributes: never saved, never moved
+        layer._layout = SupportLayout(layer.indices, layer.out_features, layer.in_features)
+        layer._layout_key = key
+    return layer._layout
+
+
+def layer_forward(x, layer):
+    """SLLinear's Triton route: layer(x) calls it when sltrain.route(x, layer) says "triton"."""
+    return sl_linear(x, layer.A, layer.B, layer.values, layer.indices, layer.scale, layout=support_layout(layer))
+
+
+sltrain.triton_forward = layer_forward  # importing this module gives every SLLinear its Triton route
+
+
+# -----------------------------------------------------------------------------
+# compile report: python kernels.py --compile-report (no GPU needed, no TRITON_INTERPRET)
+
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # A100, H100; both: 65,536 registers, 64 warps, 32 blocks
+
+
+def occupancy(registers, shared_bytes, num_warps, arch):
+    """Resident warps per SM over the 64 possible. Resident blocks are limited by registers
+    (allocated per warp in units of 256), shared memory (CUDA reserves 1 KB more per block),
+    warps (64) and blocks (32)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(65536 // (per_warp * num_warps), SHARED_PER_SM[arch] // (shared_bytes + 1024), 64 // num_warps, 32)
+    return blocks * num_warps / 64
+
+
+def launches():
+    """(name, dtype, kernel, pointer types, constexprs, num_warps) for every Triton kernel of the
+    project, for each dtype the code launches it with, at its default tiles. Integer arguments are
+    i32; indices and pointers into them are int32 (out * in < 2^31 at every paper shape)."""
+    import inspect
+    import optim
+    b, index = Blocks(), dict(indices_ptr="*i32", ptr_ptr="*i32", order_ptr="*i32", row_ptr_ptr="*i32")
+    # dtype: activations (and values): bf16 params, bf16 autocast over fp32 params, fp32, fp64 (tests)
+    for dtype, act, values in (("bf16", "bf16", "bf16"), ("bf16/fp32", "bf16", "fp32"),
+                               ("fp32", "fp32", "fp32"), ("fp64", "fp64", "fp64")):
+        acc = tl.float64 if act == "fp64" else tl.float32
+        for name, transposed in (("spmm_kernel[y]", False), ("spmm_kernel[dx]", True)):
+            yield (name, dtype, spmm_kernel, dict(index, out_ptr="*" + act, src_t_ptr="*" + act, values_ptr="*" + values),
+                   dict(TRANSPOSED=transposed, ACC=acc, BLOCK_ROWS=b.BLOCK_ROWS, BLOCK_T=b.BLOCK_T), b.num_warps)
+        if act == values:  # sddmm reads no values: autocast launches it as bf16
+            yield ("sddmm_kernel", dtype, sddmm_kernel,
+                   dict(index, dvalues_ptr="*fp64" if act == "fp64" else "*fp32", dy_t_ptr="*" + act, x_t_ptr="*" + act),
+                   dict(ACC=acc, BLOCK_ROWS=b.BLOCK_ROWS, BLOCK_T=b.BLOCK_T, TOKENS_PER_PROGRAM=b.TOKENS_PER_PROGRAM),
+                   b.num_warps)
+    blocks = inspect.signature(optim.adamw8bit_triton_).parameters["blocks"].default
+    for p in ("bf16", "fp32"):  # codes and lookup counts are uint8; tables, absmax and scalars fp32
+        types = {a: ("*u8" if "codes" in a or "count" in a else "*fp32") if a.endswith("_ptr") else "fp32"
+                 for a in optim._adamw8bit_kernel.arg_names}
+        types.update(p_ptr="*" + p, g_ptr="*" + p, n="i32")
+        yield ("_adamw8bit_kernel", p, optim._adamw8bit_kernel, types, dict(QBLOCK=optim.BLOCK, BLOCKS=blocks),
+               4)  # the launcher passes no num_warps: Triton's default
+
+
+def compile_report(archs=(80, 90)):
+    """Compile every launch ahead of time for each arch and yield its resources: registers and
+    static shared memory from cuobjdump on the cubin, spill bytes from ptxas's own log."""
+    from triton.backends.compiler import GPUTarget
+    triton.knobs.compilation.always_compile = True  # ptxas runs (and logs) even when Triton has it cached
+    triton.knobs.nvidia.dump_ptxas_log = True  # printed to stdout: the one place spill bytes appear
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for name, dtype, fn, types, constexprs, num_warps in launches():
+        signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
+        # tensors from torch's allocator are 16-byte aligned and Triton specializes launches on it
+        aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if signature[a][0] == "*"}
+        for arch in archs:
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                k = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs, aligned),
+                                   target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+            assert "spill stores" in log.getvalue(), "ptxas printed no spill report"
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(k.asm["cubin"])
+                cubin.flush()
+                usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+            res = {key: int(n) for key, n in re.findall(r"(\w+):(\d+)", usage.split("Function")[-1])}
+            shared = res["SHARED"] + k.metadata.shared  # static + the dynamic amount each launch asks for
+            yield dict(kernel=name, arch=arch, dtype=dtype, registers=res["REG"],
+                       spills=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log.getvalue())),
+                       shared_bytes=shared, occupancy=occupancy(res["REG"], shared, num_warps, arch))
+
+
 # -----------------------------------------------------------------------------
 # benchmark: python kernels.py --bench (a CUDA GPU only)
 
-SHAPES = {  # name: (dim, ffn, rank, delta)
-    "60m": (512, 1376, 128, 0.03), "130m": (768, 2048, 256, 0.03), "350m": (1024, 2736, 256, 0.03),
-    "1b": (2048, 5461, 512, 0.03), "7b": (4096, 11008, 1024, 0.05),
-}
+SHAPES = {"60m": (512, 1376, 128, 0.03), "130m": (768, 2048, 256, 0.03), "350m": (1024, 2736, 256, 0.03),
+          "1b": (2048, 5461, 512, 0.03), "7b": (4096, 11008, 1024, 0.05)}  # name: (dim, ffn, rank, delta)
 
 
 def bench(T=8192, dtype=torch.bfloat16):
     import torch.nn.functional as F
     from triton.testing import do_bench
-    from sltrain import SLLinear, SLLinearFunction
 
     dense_tflops = []
     print(f"T={T} tokens, {dtype}, {torch.cuda.get_device_name()}; times in ms for dense nn.Linear, "
@@ -302,15 +398,15 @@ def bench(T=8192, dtype=torch.bfloat16):
           f"{'mem MB':>6} {'route':>5} {'triton':>6} {'W MB':>5} | sparse TFLOP/s y dx dvalues | f")
     for model, (d, ffn, r, delta) in SHAPES.items():
         for layer, (n_in, n_out) in {"q/k/v/o": (d, d), "gate/up": (d, ffn), "down": (ffn, d)}.items():
-            sl = SLLinear(n_in, n_out, r, delta, alpha=8.0, seed=1).cuda().to(dtype)
+            sl = sltrain.SLLinear(n_in, n_out, r, delta, alpha=8.0, seed=1).cuda().to(dtype)
             sl.B.data.normal_(0, 0.02)
             layout = SupportLayout(sl.indices, n_out, n_in)
             W = sl.dense_weight().detach().requires_grad_()
             x = torch.randn(T, n_in, device="cuda", dtype=dtype, requires_grad=True)
             dy = torch.randn(T, n_out, device="cuda", dtype=dtype)
             args = (sl.A, sl.B, sl.values, sl.indices, sl.scale)
-            routes = {"dense": lambda: F.linear(x, W), "route": lambda: SLLinearFunction.apply(x, *args),
-                      "triton": lambda: sl_linear(x, *args, layout=layout, route="triton")}
+            routes = {"dense": lambda: F.linear(x, W), "route": lambda: sltrain.SLLinearFunction.apply(x, *args),
+                      "triton": lambda: sl_linear(x, *args, layout=layout)}
             row = {}
             for name, fn in routes.items():
                 params = [x, W] if name == "dense" else [x, sl.A, sl.B, sl.values]
@@ -341,13 +437,18 @@ def bench(T=8192, dtype=torch.bfloat16):
             print(f"{model:5} {layer:8} {n_in:5} {n_out:5} | {cells} {W.numel() * W.element_size() / 1e6:5.1f} | "
                   f"{sparse[0]:6.1f} {sparse[1]:6.1f} {sparse[2]:6.1f} | {f:.3f}", flush=True)
     print(f"f = sparse-kernel TFLOP/s over dense nn.Linear forward TFLOP/s (median dense {sorted(dense_tflops)[len(dense_tflops) // 2]:.0f}); "
-          f"set SPARSE_SPEED (now {SPARSE_SPEED}) to the value at your shapes so route='auto' picks the faster route.")
+          f"set sltrain.SPARSE_SPEED (now {sltrain.SPARSE_SPEED}) to the value at your shapes so route 'auto' picks the faster route.")
 
 
 if __name__ == "__main__":
-    if "--bench" not in sys.argv[1:]:
-        sys.exit("usage: python kernels.py --bench")
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("kernels.py --bench needs a CUDA GPU and compiled Triton kernels (TRITON_INTERPRET unset); "
-                 "none here, so nothing is measured: interpreter timings are not kernel speed.")
-    bench()
+    if sys.argv[1:] not in (["--compile-report"], ["--bench"]):
+        sys.exit("usage: python kernels.py --compile-report | --bench")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("kernels.py compiles real kernels: unset TRITON_INTERPRET (interpreter timings are not kernel speed)")
+    if sys.argv[1] == "--compile-report":
+        for row in compile_report():
+            print(json.dumps(row), flush=True)
+    elif not torch.cuda.is_available():
+        sys.exit("kernels.py --bench needs a CUDA GPU; none here, so nothing is measured")
+    else:
+        bench()

@@ -219,7 +219,8 @@ def consolidate(args, model):
 def memory_plan(args, build):
     """Per-GPU memory of model states (weights, gradients, optimizer states) for the setups the
     paper compares at 7b, sharded over args.gpus GPUs by FSDP2 (support indices are buffers: every
-    GPU holds them, int32), and activation memory per sequence. build(method) -> meta model."""
+    GPU holds them, int32, and the kernels' SupportLayout of them once the Triton route has run),
+    and activation memory per sequence. build(method) -> meta model."""
     n, gb = args.gpus, 1e9
     plans = {}
     for label, method, optimizer, per_layer in (("full + AdamW", "full", "adamw", False),
@@ -230,6 +231,8 @@ def memory_plan(args, build):
         total = sum(p.numel() for p in params)
         embeddings = model.tok_emb.weight.numel() + model.lm_head.weight.numel()
         indices = sum(4 * m.nnz for m in model.modules() if isinstance(m, SLLinear))
+        # kernels.SupportLayout, int32: col_order (nnz,), row_ptr (out+1,), col_ptr (in+1,)
+        layout = sum(4 * (m.nnz + m.out_features + m.in_features + 2) for m in model.modules() if isinstance(m, SLLinear))
         width = params[0].element_size()  # --param-dtype: 4 or 2 bytes per weight and per gradient
         weights = width * total / n
         # per-layer: a gradient lives only until its own update, so about one tensor's worth at a time
@@ -238,7 +241,7 @@ def memory_plan(args, build):
             states = 2 * width * total / n
         else:  # 1 B per moment + an fp32 absmax per 256 (2.03 B/param); embeddings keep fp32 moments
             states = (2 + 8 / 256) * (total - embeddings) / n + 8 * embeddings / n
-        plans[label] = round((weights + grads + states + indices) / gb, 2)
+        plans[label] = round((weights + grads + states + indices + layout) / gb, 2)
     return dict(model_states_gb=plans, activations_gb_per_sequence=activation_plan(args, build(args.method)))
 
 

@@ -20,8 +20,14 @@ cannot start from B = 0: with no S, every block's q, k, v and MLP hidden state a
 stationary point (all block gradients vanish: dB = scale * (dy^T x) A^T with x = 0 or dy = 0), so
 only embeddings and lm_head would ever train. With delta = 0, B starts U(-1/sqrt(rank), 1/sqrt(rank)),
 nn.Linear's default for a (out, rank) weight. With delta > 0, S breaks the symmetry and B = 0.
+
+Two routes compute a layer: the dense route here (SLLinearFunction: rebuild W, one matmul), and
+the factorized route of kernels.py (Triton: x A^T, then B, plus sparse kernels; W never formed).
+route(x, layer) is the one place that picks between them. kernels.py imports this module and,
+on import, installs its route as `triton_forward`; this module never imports kernels.py.
 """
 import math
+import os
 import warnings
 
 import torch
@@ -29,6 +35,9 @@ import torch.nn as nn
 
 METHODS = ("full", "lowrank", "sltrain")
 BLOCK_LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
+ROUTE = os.environ.get("SLTRAIN_ROUTE", "auto")  # "auto" | "dense" | "triton"
+SPARSE_SPEED = 0.02  # sparse-kernel FLOP/s over dense matmul FLOP/s (a guess; `python kernels.py --bench` measures it)
+triton_forward = None  # (x, layer) -> y: the factorized route, set by `import kernels`
 
 
 def random_support(numel, nnz, generator):
@@ -97,6 +106,36 @@ class SLLinearFunction(torch.autograd.Function):
         return dx, dA.to(A.dtype), dB.to(B.dtype), dvalues.to(values.dtype), None, None
 
 
+# -----------------------------------------------------------------------------
+# which route a layer takes
+
+
+def choose_route(T, in_features, out_features, rank, nnz):
+    """The cheaper route for T tokens by kernels.py's cost model, in tensor-core multiply-adds."""
+    dense_route = 3 * T * in_features * out_features + 4 * in_features * out_features * rank
+    factorized = 3 * T * rank * (in_features + out_features) + 3 * T * nnz / SPARSE_SPEED
+    return "triton" if factorized < dense_route else "dense"
+
+
+def route(x, layer):
+    """"dense" or "triton": the route layer(x) takes. ROUTE ("auto", or SLTRAIN_ROUTE) forces one;
+    auto takes the Triton route only for CUDA tensors, with kernels.py imported, when it is cheaper."""
+    if ROUTE not in ("auto", "dense", "triton"):
+        raise ValueError(f"SLTRAIN_ROUTE must be 'auto', 'dense' or 'triton', got {ROUTE!r}")
+    if ROUTE == "triton" and triton_forward is None:
+        raise RuntimeError("the triton route needs `import kernels` (it installs itself into sltrain)")
+    if ROUTE != "auto":
+        return ROUTE
+    if not x.is_cuda or triton_forward is None:
+        return "dense"
+    T = x.numel() // x.shape[-1]
+    return choose_route(T, layer.in_features, layer.out_features, layer.rank, layer.nnz)
+
+
+# -----------------------------------------------------------------------------
+# the layer
+
+
 class SLLinear(nn.Module):
     def __init__(self, in_features, out_features, rank, delta, alpha, seed=0):
         super().__init__()
@@ -139,25 +178,9 @@ class SLLinear(nn.Module):
         return densify(self.A, self.B, self.values, self.indices, self.scale)
 
     def forward(self, x):
-        if x.is_cuda:
-            try:
-                from kernels import sl_linear  # Triton path, picks the faster route per shape
-            except ImportError:
-                sl_linear = None
-            if sl_linear is not None:
-                return sl_linear(x, self.A, self.B, self.values, self.indices, self.scale,
-                                 layout=self.support_layout())
+        if route(x, self) == "triton":
+            return triton_forward(x, self)
         return SLLinearFunction.apply(x, self.A, self.B, self.values, self.indices, self.scale)
-
-    def support_layout(self):
-        """The support in the order the kernels read it (kernels.SupportLayout), built once and
-        rebuilt only when `indices` is rewritten (reset_parameters, load_state_dict) or moved."""
-        from kernels import SupportLayout
-        key = (self.indices.device, self.indices.data_ptr(), self.indices._version)
-        if getattr(self, "_layout_key", None) != key:  # a plain attribute: never saved, never moved
-            self._layout = SupportLayout(self.indices, self.out_features, self.in_features)
-            self._layout_key = key
-        return self._layout
 
     def extra_repr(self):
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "

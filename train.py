@@ -24,6 +24,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
+import kernels  # noqa: F401  gives SLLinear its Triton route on CUDA (sltrain.route decides when it runs)
 import parallel
 from data.loader import load_data
 from model import CONFIGS, LLaMA, count_params

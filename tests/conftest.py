@@ -13,6 +13,13 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(scope="session")
+def device():
+    """Where tests put models and tensors: "cuda" on a GPU machine (Triton kernels compiled), else
+    "cpu" (Triton kernels interpreted). Build every tensor a test feeds to a model or kernel on it."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A small offline data set (the first ~1 MB of the stdlib), prepared once for the whole run."""
     from data.prepare import prepare_stdlib
