@@ -28,9 +28,10 @@ def data_dir(tmp_path_factory):
     return path
 
 
-# the flags of a quick tiny run: a few steps, one eval and checkpoint at the end
+# the flags of a quick tiny run: a few steps, one eval and checkpoint at the end. On the CPU on every
+# machine: tests compare it with 2-rank gloo runs (a one-GPU machine cannot host two NCCL ranks).
 TINY_RUN = ["--model", "tiny", "--seq-len", "64", "--batch-size", "4", "--max-steps", "3", "--eval-every", "3",
-            "--eval-tokens", "2048", "--log-every", "1", "--grad-accum", "1"]
+            "--eval-tokens", "2048", "--log-every", "1", "--grad-accum", "1", "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")

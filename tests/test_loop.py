@@ -20,31 +20,32 @@ from sltrain import SLLinear, swap_linears
 SMALL = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "1024", "--log-every", "1"]
 
 
-def run_one_step(monkeypatch, data_dir, out_dir, *flags):
-    """Run train.py for one step; return the initial weights, every micro-batch it drew, and the
-    gradients as optimizer.step() received them."""
+def run_one_step(monkeypatch, data_dir, out_dir, device, *flags):
+    """Run train.py for one step on `device` in fp32; return (on the CPU) the initial weights, every
+    micro-batch it drew, and the gradients as optimizer.step() received them."""
     seen = dict(batches=[], grads=None, init=None)
     real_build, real_batch = train.build_optimizer, TokenData.random_batch
 
     def build(model, args):
-        seen["init"] = copy.deepcopy(model.state_dict())
+        seen["init"] = {k: v.cpu().clone() for k, v in model.state_dict().items()}
         opt = real_build(model, args)
         real_step = opt.step
 
         def step(*a, **k):
-            seen["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            seen["grads"] = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
             return real_step(*a, **k)
         opt.step = step
         return opt
 
     def batch(self, *a, **k):
         x, y = real_batch(self, *a, **k)
-        seen["batches"].append((x, y))
+        seen["batches"].append((x.cpu(), y.cpu()))
         return x, y
 
     monkeypatch.setattr(train, "build_optimizer", build)
     monkeypatch.setattr(TokenData, "random_batch", batch)
-    train.main(SMALL + ["--data", data_dir, "--out-dir", str(out_dir), "--max-steps", "1", *flags])
+    train.main(SMALL + ["--data", data_dir, "--out-dir", str(out_dir), "--max-steps", "1", "--device", device,
+                        "--dtype", "float32", *flags])
     monkeypatch.undo()
     return seen
 
@@ -69,9 +70,9 @@ def total_norm(grads):
 
 
 @pytest.mark.parametrize("batch,accum", [(4, 1), (2, 2), (1, 4)])
-def test_accumulated_gradient_is_the_full_batch_gradient(monkeypatch, data_dir, tmp_path, batch, accum):
+def test_accumulated_gradient_is_the_full_batch_gradient(monkeypatch, data_dir, tmp_path, device, batch, accum):
     """K micro-batches of B sequences give the gradient of one batch of K*B (a mean, not a sum)."""
-    seen = run_one_step(monkeypatch, data_dir, tmp_path, "--batch-size", str(batch), "--grad-accum", str(accum))
+    seen = run_one_step(monkeypatch, data_dir, tmp_path, device, "--batch-size", str(batch), "--grad-accum", str(accum))
     assert len(seen["batches"]) == accum and all(b[0].shape == (batch, 64) for b in seen["batches"])
     ref = float64_full_batch_grads(seen)
     assert seen["grads"].keys() == ref.keys()
@@ -82,9 +83,9 @@ def test_accumulated_gradient_is_the_full_batch_gradient(monkeypatch, data_dir, 
 
 
 @pytest.mark.parametrize("clip", [0.05, 1e3])
-def test_gradient_reaching_the_optimizer_is_clipped(monkeypatch, data_dir, tmp_path, clip):
+def test_gradient_reaching_the_optimizer_is_clipped(monkeypatch, data_dir, tmp_path, device, clip):
     """--grad-clip c: the step sees g * min(1, c / |g|), with |g| the global norm of the full batch."""
-    seen = run_one_step(monkeypatch, data_dir, tmp_path, "--batch-size", "2", "--grad-accum", "2",
+    seen = run_one_step(monkeypatch, data_dir, tmp_path, device, "--batch-size", "2", "--grad-accum", "2",
                         "--grad-clip", str(clip))
     ref = float64_full_batch_grads(seen)
     norm = total_norm(ref)

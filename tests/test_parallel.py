@@ -13,8 +13,9 @@ import torch
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# gloo on the CPU on every machine: a one-GPU machine cannot host two NCCL ranks
 COMMON = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "2048", "--log-every", "1", "--max-steps", "4",
-          "--eval-every", "2", "--grad-accum", "2"]
+          "--eval-every", "2", "--grad-accum", "2", "--device", "cpu"]
 
 
 def torchrun(*args, script="train.py", **env):
