@@ -103,7 +103,7 @@ def get_args(argv=None):
     p.add_argument("--gpus", type=int, help="GPUs for the --dry-run memory plan (default: WORLD_SIZE or 1)")
     p.add_argument("--consolidate", action="store_true", help="with --dist fsdp: gather the newest sharded "
                    "checkpoint in --out-dir into one <out-dir>/model.pt, then exit")
-    p.error = lambda message: p.exit(2, f"error: {message} (train.py --help lists every flag)\n")  # no usage
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line: no usage block
     args = p.parse_args(argv)
 
     for name in INT_FLAGS:
@@ -127,13 +127,12 @@ def get_args(argv=None):
     devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{n}" for n in range(torch.cuda.device_count())]
     for ok, flag, rule in (  # (holds?, the flag as typed, what a valid value is)
             (1 <= args.rank <= max_rank, f"--rank {args.rank}", f"must be in [1, {max_rank}] for --model "
-             f"{args.model} (at most the smaller side of its layers; the paper's is {cfg.rank})"),
+             f"{args.model}, its layers' smallest side (the paper's rank: {cfg.rank})"),
             (0 <= args.delta < 1, f"--delta {args.delta}", "the sparse density must be in [0, 1) (the paper's: 0.03)"),
             (0 < args.alpha < math.inf, f"--alpha {args.alpha}", "must be > 0 (scale = alpha / rank)"),
             (0 < args.lr < math.inf, f"--lr {args.lr}", "must be > 0"),
             (0 <= args.grad_clip < math.inf, f"--grad-clip {args.grad_clip}", "must be >= 0 (0 = off)"),
-            (0 <= args.warmup <= args.max_steps, f"--warmup {args.warmup}", f"must be in [0, --max-steps "
-             f"{args.max_steps}]"),
+            (0 <= args.warmup <= args.max_steps, f"--warmup {args.warmup}", f"must be in [0, {args.max_steps}]"),
             ((args.stop_at_step or 1) <= args.max_steps, f"--stop-at-step {args.stop_at_step}", f"must be in [1, "
              f"--max-steps {args.max_steps}] (the run stops at --max-steps anyway)"),
             (0 <= args.seed < 2**32, f"--seed {args.seed}", "must be in [0, 2**32)"),
@@ -143,8 +142,7 @@ def get_args(argv=None):
             (not args.consolidate or args.dist == "fsdp", "--consolidate", "gathers an FSDP2 sharded checkpoint: run "
              "it under torchrun with --dist fsdp"),
             (not (args.per_layer and args.dist == "ddp"), "--per-layer under DDP", "its hooks fire before DDP's "
-             "gradient all-reduce, so each rank would step on its own gradient: use --dist fsdp (hooks fire on the "
-             "reduced shard)")):
+             "gradient all-reduce (each rank would step on its own gradient): use --dist fsdp")):
         if not ok:
             p.error(f"{flag}: {rule}")
     return args
@@ -152,18 +150,17 @@ def get_args(argv=None):
 
 def split_batch(p, args, batch, world):
     """(--batch-size, --grad-accum) with world x batch-size x grad-accum = the recipe's global batch,
-    exactly: what was not given is filled in, and a split that cannot be exact is refused."""
+    exactly: what was not given is filled in (micro-batches up to 64), or the run is refused."""
     size, accum = args.batch_size, args.grad_accum
-    if size and accum:
-        return size, accum  # both given: the user's global batch
     given = size or accum or max((d for d in range(1, 65) if batch % (world * d) == 0), default=None)
-    if given is None or batch % (world * given):
+    if not (size and accum) and (given is None or batch % (world * given)):
         a = accum or -(-batch // (world * (size or 64)))
         s = size or -(-batch // (world * a))
         p.error(f"{f'--batch-size {size}: ' if size else f'--grad-accum {accum}: ' if accum else ''}the {args.model} "
                 f"recipe's {batch} sequences per step do not split into {world} rank(s) x --batch-size x --grad-accum:"
                 f" pass both, e.g. --batch-size {s} --grad-accum {a} ({world * s * a} sequences per step)")
-    return (batch // (world * given), given) if accum else (given, batch // (world * given))
+    return (size, accum) if size and accum else (batch // (world * given), given) if accum else \
+        (given, batch // (world * given))
 
 
 # -----------------------------------------------------------------------------
@@ -273,10 +270,9 @@ def differences(state, args, meta, whole_run):
     found = [f"{'the number of ranks' if k == 'world_size' else '--' + k.replace('_', '-')} {saved[k]} (now "
              f"{getattr(args, k)})" for k in MODEL_KEYS + (RUN_KEYS if whole_run else ())
              if k in saved and saved[k] != getattr(args, k)]  # older checkpoints lack some keys
-    identity = [{k: v for k, v in m.items() if k != "seconds"} for m in (state.get("data_meta") or meta, meta)]
-    return found + [f"the data's {k} {identity[0].get(k)} (now {identity[1].get(k)}, in {args.data})"
-                    for k in sorted(identity[0].keys() | identity[1].keys())
-                    if whole_run and identity[0].get(k) != identity[1].get(k)]
+    was, now = ({k: v for k, v in m.items() if k != "seconds"} for m in (state.get("data_meta") or meta, meta))
+    return found + [f"the data's {k} {was.get(k)} (now {now.get(k)})" for k in sorted(was.keys() | now.keys())
+                    if whole_run and was.get(k) != now.get(k)]  # the same meta.json at another path is the same
 
 
 def load_checkpoint(args, model, optimizer, meta):
@@ -291,19 +287,16 @@ def load_checkpoint(args, model, optimizer, meta):
         except Exception as e:
             error = (f"the checkpoint {path} is unreadable ({type(e).__name__}: {e}). It is corrupt or truncated: "
                      f"restore a copy, or move it away and start fresh without --resume.")
-    if state is not None and differences(state, args, meta, optimizer is not None):
+    found = differences(state, args, meta, optimizer is not None) if state is not None else []
+    if found:
         error = (f"the checkpoint {path} was written by another run, and resuming it with these flags would not "
-                 f"continue it exactly: {'; '.join(differences(state, args, meta, optimizer is not None))}. Resume "
-                 f"with the checkpoint's settings, or use another --out-dir for a new run (train.py --help: "
-                 f"what may change).")
+                 f"continue it exactly: {'; '.join(found)}. Resume with the checkpoint's settings, or use another "
+                 f"--out-dir for a new run (train.py --help: what may change).")
     parallel.exit_together(error, args.device)  # a rank that failed alone would leave the others waiting
-    saved = state["config"]
-    notes = [f"--{k.replace('_', '-')} is {getattr(args, k)}, the checkpoint's run had {saved[k]}: the schedule "
-             f"changes from step {state['step']} on" for k in SCHEDULE_KEYS if saved.get(k, getattr(args, k)) !=
-             getattr(args, k)] + [f"the data is read from {args.data}, the checkpoint's run read {saved.get('data')} "
-                                  f"(the same meta.json)"] * (saved.get("data", args.data) != args.data)
-    for note in notes if optimizer is not None and parallel.is_rank0() else ():
-        print(f"note: {note}")
+    for k in SCHEDULE_KEYS if optimizer is not None and parallel.is_rank0() else ():
+        if state["config"].get(k, getattr(args, k)) != getattr(args, k):
+            print(f"note: --{k.replace('_', '-')} is {getattr(args, k)}, the checkpoint's run had "
+                  f"{state['config'][k]}: the schedule changes from step {state['step']} on")
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -352,15 +345,6 @@ def stop_if_not_finite(loss, split, step, args, record):
         "no checkpoint had been written yet"
     sys.exit(f"error: the {split} loss is {loss} at step {step}; {kept}. Try a lower --lr, a longer --warmup or "
              f"--grad-clip 1.0, then continue with --resume (or start again, e.g. with --dtype float32).")
-
-
-def covered(line, step):
-    """Keep this log line on resume? Only a whole record (a kill inside a write leaves a torn last
-    line) at or before the checkpoint's step."""
-    try:
-        return json.loads(line).get("step", 0) <= step
-    except ValueError:
-        return False
 
 
 def peak_memory_gb(device):
@@ -416,8 +400,9 @@ def main(argv=None):
                  f"another --out-dir (or delete it) to start over.")
     parallel.remove_stale(args.out_dir)  # what a killed run left half-written
     step = load_checkpoint(args, raw_model, optimizer, meta) if args.resume else 0
-    if args.resume and rank == 0 and os.path.exists(log_path):  # keep the records the checkpoint covers
-        kept = [line.rstrip("\n") + "\n" for line in open(log_path) if covered(line, step)]
+    if args.resume and rank == 0 and os.path.exists(log_path):  # keep the records the checkpoint covers; a
+        # kill inside a write leaves a torn last line, without its "}\n" (only the last: each resume rewrites)
+        kept = [line for line in open(log_path) if line.endswith("}\n") and json.loads(line).get("step", 0) <= step]
         parallel.atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
     log = open(log_path, "a" if args.resume else "w") if rank == 0 else None
 
