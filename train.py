@@ -127,7 +127,7 @@ def get_args(argv=None):
     devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{n}" for n in range(torch.cuda.device_count())]
     for ok, flag, rule in (  # (holds?, the flag as typed, what a valid value is)
             (1 <= args.rank <= max_rank, f"--rank {args.rank}", f"must be in [1, {max_rank}] for --model "
-             f"{args.model}, its layers' smallest side (the paper's rank: {cfg.rank})"),
+             f"{args.model}, its layers' smallest side (default: {cfg.rank})"),
             (0 <= args.delta < 1, f"--delta {args.delta}", "the sparse density must be in [0, 1) (the paper's: 0.03)"),
             (0 < args.alpha < math.inf, f"--alpha {args.alpha}", "must be > 0 (scale = alpha / rank)"),
             (0 < args.lr < math.inf, f"--lr {args.lr}", "must be > 0"),
