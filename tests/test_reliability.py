@@ -5,6 +5,7 @@ resumed run's log is compared with an uninterrupted run's, record by record, bit
 import io
 import json
 import os
+import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -263,7 +264,9 @@ class TrainPy:
         self.server.stdin.write(json.dumps([kill, [*FAULT_FLAGS, "--data", data_dir, "--out-dir", str(out_dir),
                                                    *flags], output]) + "\n")
         self.server.stdin.flush()
-        return int(self.server.stdout.readline()), open(output).read()[-2000:]
+        code = int(self.server.stdout.readline())
+        with open(output) as f:
+            return code, f.read()[-2000:]
 
     def close(self):
         self.server.stdin.close()
@@ -283,14 +286,22 @@ def kill_and_resume(train_py, data_dir, out_dir, kill, checkpoint_step):
 
 def test_kill_anywhere_then_resume_equals_the_uninterrupted_run(data_dir, tmp_path):
     servers = [TrainPy() for _ in range(min(4, len(os.sched_getaffinity(0))))]  # one per core; cases independent
+    idle = queue.Queue()
+    for server in servers:
+        idle.put(server)
+
+    def on_an_idle_server(case):
+        server = idle.get()
+        try:
+            return kill_and_resume(server, data_dir, tmp_path / case[0].replace(":", "-"), *case)
+        finally:
+            idle.put(server)
     try:
         assert servers[0](data_dir, tmp_path / "whole")[0] == 0
         expected = records(tmp_path / "whole")
         assert [r["step"] for r in expected] == [1, 2, 2, 3, 4, 4, 5, 6, 6]
         with ThreadPoolExecutor(len(servers)) as pool:
-            jobs = {case: pool.submit(kill_and_resume, servers[i % len(servers)], data_dir,
-                                      tmp_path / case[0].replace(":", "-"), *case) for i, case in enumerate(KILLS)}
-            results = {case: job.result() for case, job in jobs.items()}
+            results = dict(zip(KILLS, pool.map(on_an_idle_server, KILLS)))
     finally:
         for server in servers:
             server.close()
