@@ -41,7 +41,9 @@ def main(argv=None):
     run.data = args.data or run.data
     run.eval_tokens = args.eval_tokens or run.eval_tokens
     run.batch_size = args.batch_size or run.batch_size
-    meta, _, val = load_data(run, 0, train.DEFAULT_DATA)
+    meta, _, val, error = load_data(run, 0, train.DEFAULT_DATA)
+    if error:
+        sys.exit(f"error: {error}")
     tokenizer = load_tokenizer(args.out_dir, model.train_config).name
     if meta.get("tokenizer") != tokenizer or meta["vocab_size"] > model.cfg.vocab_size:
         sys.exit(f"error: {run.data} is tokenized with {meta.get('tokenizer')!r} (vocab {meta['vocab_size']}), the "

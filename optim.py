@@ -243,15 +243,18 @@ class AdamW8bit(torch.optim.Optimizer):
             book_v.quantize_(v, state["v_codes"][start:end], state["v_absmax"][blocks])
 
     def load_state_dict(self, state_dict):
-        # torch casts floating state to the parameter's dtype (right for its AdamW); here the
-        # absmax and fp32 moments of a bf16 parameter must stay fp32, so restore them as saved.
-        super().load_state_dict(state_dict)
+        # torch would cast floating state to the parameter's dtype (right for its AdamW); here the
+        # absmax and fp32 moments of a bf16 parameter stay fp32 and the codes uint8, as saved. Each
+        # tensor moves once, to its parameter's device: a state loaded to the CPU costs exactly its
+        # own size on the device, and one already there is taken as it is (as torch does), never
+        # cast or copied on the way (a 7b state is GBs: a few transient copies would not fit).
+        super().load_state_dict({**state_dict, "state": {}})  # checks the groups, takes their settings
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
         for i, p in zip(ids, params):
             if i in state_dict["state"]:
                 device = _local(p).device
-                self.state[p] = {k: v.to(device, copy=True) if torch.is_tensor(v) else v
+                self.state[p] = {k: v.to(device) if torch.is_tensor(v) else v
                                  for k, v in state_dict["state"][i].items()}
 
 

@@ -61,6 +61,10 @@ def barrier():
         dist.barrier()
 
 
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def exit_together(error, device):
     """Exit on every rank if any rank has an error message, so no rank waits alone in a collective."""
     if dist.is_initialized():
@@ -156,9 +160,44 @@ def no_sync(model, args, last_micro_step):
 
 
 # -----------------------------------------------------------------------------
-# sharded checkpoints: out_dir/sharded-<step>/rank<r>.pt, and a pointer file naming the newest.
-# The pointer is replaced atomically only after every rank has written, so a crash leaves the
-# previous complete checkpoint in force.
+# checkpoint files. Every file is written to <name>.tmp, flushed to disk, renamed over <name>, and
+# the rename is flushed too (the directory), so after a crash at any moment, power cuts included,
+# <name> holds either the old content or the new. Sharded checkpoints: out_dir/sharded-<step>/
+# rank<r>-of-<N>.pt, and a pointer file naming the newest, replaced only after every rank has
+# written, so a crash leaves the previous complete checkpoint in force. A killed run's leftovers
+# (*.tmp, sharded directories the pointer does not name) are removed at the next start.
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """write(f) into path.tmp (a binary file), then move it into place durably."""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def remove_stale(out_dir):
+    """Rank 0 removes what a killed run left half-written: *.tmp files and folders, and sharded-*
+    folders that latest-sharded does not name (renamed into place but never pointed to, or the
+    previous one, about to be deleted). The others wait."""
+    if is_rank0():
+        pointer = os.path.join(out_dir, "latest-sharded")
+        current = open(pointer).read().strip() if os.path.exists(pointer) else None
+        for name in os.listdir(out_dir):
+            path = os.path.join(out_dir, name)
+            if name.endswith(".tmp") or (name.startswith("sharded-") and name != current):
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    barrier()
 
 
 def save_sharded(out_dir, state, step):
@@ -175,13 +214,13 @@ def save_sharded(out_dir, state, step):
         os.fsync(f.fileno())
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        fsync_dir(tmp)  # every rank's file entry is on disk
+        shutil.rmtree(final, ignore_errors=True)  # a leftover of this step's name is never the pointer's
         os.replace(tmp, final)
+        fsync_dir(out_dir)
         pointer = os.path.join(out_dir, "latest-sharded")
         previous = open(pointer).read().strip() if os.path.exists(pointer) else None
-        with open(pointer + ".tmp", "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(pointer + ".tmp", pointer)
+        atomic_write(pointer, lambda f: f.write(os.path.basename(final).encode()))
         if previous and previous != os.path.basename(final):
             shutil.rmtree(os.path.join(out_dir, previous), ignore_errors=True)
     dist.barrier()
@@ -206,8 +245,7 @@ def consolidate(args, model):
     full = full_state_dict(model)
     if dist.get_rank() == 0:
         path = os.path.join(args.out_dir, "model.pt")
-        torch.save(dict(model=full, config=vars(args)), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda f: torch.save(dict(model=full, config=vars(args)), f))
         print(f"wrote {path} ({sum(v.numel() for v in full.values()) / 1e6:.2f}M values)")
     teardown(args)
 

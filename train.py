@@ -43,15 +43,25 @@ RECIPES = {
     "7b": dict(steps=150_000, batch=512, eval_tokens=10_000_000),
 }
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stdlib")
-# flags that fix the model's shapes and its support, and the optimizer state's layout: a checkpoint
-# only resumes with the same; the schedule's flags may change, with a warning
+RESUME_HELP = """
+--resume continues the checkpoint's run exactly. It is refused, listing every difference, when the model
+(--model --method --rank --delta --alpha --vocab-size --seq-len --seed), the numerics (--param-dtype --dtype),
+the batches (--batch-size --grad-accum, the number of ranks), the optimizer state (--optimizer --per-layer
+--dist) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup --grad-clip (a note
+says the schedule changes), --log-every --eval-every --eval-tokens --stop-at-step --activation-checkpointing
+--compile --device, and the --data path (the same meta.json elsewhere is the same data).
+"""
+# RESUME_HELP's flags: MODEL_KEYS and RUN_KEYS must match a checkpoint's; SCHEDULE_KEYS may change
 MODEL_KEYS = ("model", "method", "rank", "delta", "alpha", "vocab_size", "seq_len", "seed")
-OPTIMIZER_KEYS = ("optimizer", "per_layer")
-SCHEDULE_KEYS = ("lr", "max_steps", "warmup")
+RUN_KEYS = ("param_dtype", "dtype", "batch_size", "grad_accum", "world_size", "optimizer", "per_layer", "dist")
+SCHEDULE_KEYS = ("lr", "max_steps", "warmup", "grad_clip")
+INT_FLAGS = ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_every", "eval_tokens", "log_every", "gpus",
+             "vocab_size", "stop_at_step")  # each >= 1 when given
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=RESUME_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=list(CONFIGS), help="model size (default: tiny)")
     p.add_argument("--method", default="sltrain", choices=METHODS, help="block linear layers (default: sltrain)")
     p.add_argument("--rank", type=int, help="low-rank r (default: the paper's for the size)")
@@ -93,37 +103,64 @@ def get_args(argv=None):
     p.add_argument("--gpus", type=int, help="GPUs for the --dry-run memory plan (default: WORLD_SIZE or 1)")
     p.add_argument("--consolidate", action="store_true", help="with --dist fsdp: gather the newest sharded "
                    "checkpoint in --out-dir into one <out-dir>/model.pt, then exit")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line: no usage block
     args = p.parse_args(argv)
 
+    for name in INT_FLAGS:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     cfg, recipe = CONFIGS[args.model], RECIPES[args.model]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args.dist = args.dist or ("none" if world == 1 else "fsdp" if args.model in ("1b", "7b") else "ddp")
     args.rank = cfg.rank if args.rank is None else args.rank
     args.delta = cfg.delta if args.delta is None else args.delta
     args.alpha = cfg.alpha if args.alpha is None else args.alpha
     args.max_steps = args.max_steps or recipe["steps"]
     args.warmup = max(1, args.max_steps // 10) if args.warmup is None else args.warmup
-    args.batch_size = args.batch_size or min(64, recipe["batch"])
-    args.grad_accum = args.grad_accum or max(1, recipe["batch"] // (args.batch_size * world))
+    args.batch_size, args.grad_accum = split_batch(p, args, recipe["batch"], world)
     args.eval_every = args.eval_every or max(1, args.max_steps // 10)
     args.eval_tokens = args.eval_tokens or recipe["eval_tokens"]
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.out_dir = args.out_dir or os.path.join("out", f"{args.model}-{args.method}")
     args.gpus = args.gpus or world
-    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_every", "eval_tokens", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.lr > 0:
-        p.error("--lr must be > 0")
-    if args.per_layer and args.grad_clip > 0:
-        p.error("--grad-clip needs the global gradient norm, but --per-layer frees each gradient as soon as its "
-                "parameter is updated: drop one of them")
-    if args.consolidate and args.dist != "fsdp":
-        p.error("--consolidate gathers an FSDP2 sharded checkpoint: run it under torchrun with --dist fsdp")
-    if args.per_layer and args.dist == "ddp":
-        p.error("--per-layer cannot run under DDP: its hooks fire before DDP's gradient all-reduce, so each rank "
-                "would step on its own gradient. Use --dist fsdp (hooks fire on the reduced shard)")
+    max_rank = min(cfg.dim, cfg.ffn_dim)  # every block linear is dim x dim, dim x ffn or ffn x dim
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{n}" for n in range(torch.cuda.device_count())]
+    for ok, flag, rule in (  # (holds?, the flag as typed, what a valid value is)
+            (1 <= args.rank <= max_rank, f"--rank {args.rank}", f"must be in [1, {max_rank}] for --model "
+             f"{args.model}, its layers' smallest side (default: {cfg.rank})"),
+            (0 <= args.delta < 1, f"--delta {args.delta}", "the sparse density must be in [0, 1) (the paper's: 0.03)"),
+            (0 < args.alpha < math.inf, f"--alpha {args.alpha}", "must be > 0 (scale = alpha / rank)"),
+            (0 < args.lr < math.inf, f"--lr {args.lr}", "must be > 0"),
+            (0 <= args.grad_clip < math.inf, f"--grad-clip {args.grad_clip}", "must be >= 0 (0 = off)"),
+            (0 <= args.warmup <= args.max_steps, f"--warmup {args.warmup}", f"must be in [0, {args.max_steps}]"),
+            ((args.stop_at_step or 1) <= args.max_steps, f"--stop-at-step {args.stop_at_step}", f"must be in [1, "
+             f"--max-steps {args.max_steps}] (the run stops at --max-steps anyway)"),
+            (0 <= args.seed < 2**32, f"--seed {args.seed}", "must be in [0, 2**32)"),
+            (args.device in devices, f"--device {args.device}", f"must be one of: {', '.join(devices)}"),
+            (not (args.per_layer and args.grad_clip > 0), "--grad-clip with --per-layer", "clipping needs the global "
+             "gradient norm, but --per-layer frees each gradient as soon as its parameter is updated: drop one"),
+            (not args.consolidate or args.dist == "fsdp", "--consolidate", "gathers an FSDP2 sharded checkpoint: run "
+             "it under torchrun with --dist fsdp"),
+            (not (args.per_layer and args.dist == "ddp"), "--per-layer under DDP", "its hooks fire before DDP's "
+             "gradient all-reduce (each rank would step on its own gradient): use --dist fsdp")):
+        if not ok:
+            p.error(f"{flag}: {rule}")
     return args
+
+
+def split_batch(p, args, batch, world):
+    """(--batch-size, --grad-accum) with world x batch-size x grad-accum = the recipe's global batch,
+    exactly: what was not given is filled in (micro-batches up to 64), or the run is refused."""
+    size, accum = args.batch_size, args.grad_accum
+    given = size or accum or max((d for d in range(1, 65) if batch % (world * d) == 0), default=None)
+    if not (size and accum) and (given is None or batch % (world * given)):
+        a = accum or -(-batch // (world * (size or 64)))
+        s = size or -(-batch // (world * a))
+        p.error(f"{f'--batch-size {size}: ' if size else f'--grad-accum {accum}: ' if accum else ''}the {args.model} "
+                f"recipe's {batch} sequences per step do not split into {world} rank(s) x --batch-size x --grad-accum:"
+                f" pass both, e.g. --batch-size {s} --grad-accum {a} ({world * s * a} sequences per step)")
+    return (size, accum) if size and accum else (batch // (world * given), given) if accum else \
+        (given, batch // (world * given))
 
 
 # -----------------------------------------------------------------------------
@@ -198,26 +235,22 @@ def dry_run(args):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: written to a temp file, flushed to disk, then renamed over the old one, so a crash
-# at any moment leaves either the old checkpoint or the new one, never a torn file. Under FSDP2
-# every rank writes its shard (parallel.save_sharded) and a pointer file names the newest.
+# checkpoints: written to a temp file, flushed to disk, renamed over the old one, and the rename
+# flushed too (parallel.atomic_write), so a crash at any moment leaves either the old checkpoint or
+# the new one. Under FSDP2 every rank writes its shard (parallel.save_sharded) and a pointer file
+# names the newest. What a killed run left half-written is removed at the next start.
 
 
-def save_checkpoint(args, rank, model, optimizer, step):
+def save_checkpoint(args, rank, model, optimizer, step, meta):
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 config=vars(args), model_config=asdict(model.cfg),
+                 config=vars(args), model_config=asdict(model.cfg), data_meta=meta,
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
                  data_position=dict(step=step, micro_steps_per_step=args.grad_accum))
     if args.dist == "fsdp":
         return parallel.save_sharded(args.out_dir, state, step)
     if rank == 0:
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        with open(path + ".tmp", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        parallel.atomic_write(os.path.join(args.out_dir, "ckpt.pt"), lambda f: torch.save(state, f))
     parallel.barrier()
 
 
@@ -231,27 +264,37 @@ def checkpoint_path(args):
     return os.path.join(args.out_dir, "ckpt.pt")
 
 
-def load_checkpoint(args, model, optimizer):
+def differences(state, args, meta, whole_run):
+    """What differs between the checkpoint's run and this one that would break an exact resume."""
+    saved = state["config"]
+    found = [f"{'the number of ranks' if k == 'world_size' else '--' + k.replace('_', '-')} {saved[k]} (now "
+             f"{getattr(args, k)})" for k in MODEL_KEYS + (RUN_KEYS if whole_run else ())
+             if k in saved and saved[k] != getattr(args, k)]  # older checkpoints lack some keys
+    was, now = ({k: v for k, v in m.items() if k != "seconds"} for m in (state.get("data_meta") or meta, meta))
+    return found + [f"the data's {k} {was.get(k)} (now {now.get(k)})" for k in sorted(was.keys() | now.keys())
+                    if whole_run and was.get(k) != now.get(k)]  # the same meta.json at another path is the same
+
+
+def load_checkpoint(args, model, optimizer, meta):
     path, state, error = checkpoint_path(args), None, None
     if not os.path.exists(path):
         error = (f"--resume but no checkpoint at {path}: leave out --resume to start fresh, or point --out-dir at "
                  f"the run to continue (a sharded checkpoint resumes only on the number of ranks that wrote it).")
     else:
-        try:
-            state = torch.load(path, map_location=args.device, weights_only=False)
+        try:  # to the CPU, so the device never holds the checkpoint beside the state it loads into;
+            # FSDP2's DTensors load where their device mesh lives (each rank holds 1/N anyway)
+            state = torch.load(path, map_location=args.device if args.dist == "fsdp" else "cpu", weights_only=False)
         except Exception as e:
             error = (f"the checkpoint {path} is unreadable ({type(e).__name__}: {e}). It is corrupt or truncated: "
                      f"restore a copy, or move it away and start fresh without --resume.")
-    if state is not None:
-        mismatch = [f"--{k.replace('_', '-')} {state['config'].get(k)} (asked: {getattr(args, k)})"
-                    for k in MODEL_KEYS + (OPTIMIZER_KEYS if optimizer is not None else ())
-                    if state["config"].get(k) != getattr(args, k)]
-        if mismatch:
-            error = (f"the checkpoint {path} was written for another run: {', '.join(mismatch)}. Resume with the "
-                     f"checkpoint's flags, or use another --out-dir for a new run.")
+    found = differences(state, args, meta, optimizer is not None) if state is not None else []
+    if found:
+        error = (f"the checkpoint {path} was written by another run, and resuming it with these flags would not "
+                 f"continue it exactly: {'; '.join(found)}. Resume with the checkpoint's settings, or use another "
+                 f"--out-dir for a new run (train.py --help: what may change).")
     parallel.exit_together(error, args.device)  # a rank that failed alone would leave the others waiting
-    for k in SCHEDULE_KEYS:
-        if state["config"][k] != getattr(args, k):
+    for k in SCHEDULE_KEYS if optimizer is not None and parallel.is_rank0() else ():
+        if state["config"].get(k, getattr(args, k)) != getattr(args, k):
             print(f"note: --{k.replace('_', '-')} is {getattr(args, k)}, the checkpoint's run had "
                   f"{state['config'][k]}: the schedule changes from step {state['step']} on")
     model.load_state_dict(state["model"])
@@ -300,8 +343,8 @@ def stop_if_not_finite(loss, split, step, args, record):
     path = checkpoint_path(args)
     kept = f"the last good checkpoint, {path}, is untouched" if os.path.exists(path) else \
         "no checkpoint had been written yet"
-    sys.exit(f"error: the {split} loss is {loss} at step {step}; {kept}. Try a lower --lr, a longer --warmup, "
-             f"--grad-clip 1.0 or --dtype float32, then continue with --resume (or start again).")
+    sys.exit(f"error: the {split} loss is {loss} at step {step}; {kept}. Try a lower --lr, a longer --warmup or "
+             f"--grad-clip 1.0, then continue with --resume (or start again, e.g. with --dtype float32).")
 
 
 def peak_memory_gb(device):
@@ -327,16 +370,18 @@ def main(argv=None):
     rank, world = parallel.setup(args)
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    meta, train_data, val_data = load_data(args, rank, DEFAULT_DATA)
+    meta, train_data, val_data, error = load_data(args, rank, DEFAULT_DATA)
+    parallel.exit_together(error, args.device)  # maybe only some ranks miss the data: all exit, none hangs
     vocab = args.vocab_size or meta["vocab_size"]
     if vocab < meta["vocab_size"]:
-        sys.exit(f"error: --vocab-size {vocab} is smaller than the data's vocabulary ({meta['vocab_size']})")
+        sys.exit(f"error: --vocab-size {vocab} is smaller than the data's vocabulary ({meta['vocab_size']}): leave "
+                 f"it out, or pass at least {meta['vocab_size']}")
     args.vocab_size = vocab
 
     dtype = getattr(torch, args.dtype)
     model, raw_model = parallel.parallelize(build_model(args, vocab), args, dtype, lambda: build_model(args, vocab))
     if args.consolidate:
-        load_checkpoint(args, raw_model, optimizer=None)
+        load_checkpoint(args, raw_model, None, meta)
         return parallel.consolidate(args, raw_model)
     est = estimate(raw_model)
     say(f"{args.model} {args.method}: {est['params_total'] / 1e6:.2f}M parameters "
@@ -345,17 +390,20 @@ def main(argv=None):
         f"compute | {args.optimizer}{' per-layer' if args.per_layer else ''}")
     optimizer = build_optimizer(raw_model, args)
 
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --out-dir {args.out_dir}: cannot create it ({e.strerror}): pass a folder you can write")
     log_path = os.path.join(args.out_dir, "log.jsonl")
     if not args.resume and has_checkpoint(args):
         sys.exit(f"error: {args.out_dir} already holds a run with a checkpoint: continue it with --resume, or use "
                  f"another --out-dir (or delete it) to start over.")
-    step = load_checkpoint(args, raw_model, optimizer) if args.resume else 0
-    if args.resume and rank == 0 and os.path.exists(log_path):  # drop records the checkpoint does not cover
-        records = [line for line in open(log_path) if json.loads(line).get("step", 0) <= step]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(records)
-        os.replace(log_path + ".tmp", log_path)
+    parallel.remove_stale(args.out_dir)  # what a killed run left half-written
+    step = load_checkpoint(args, raw_model, optimizer, meta) if args.resume else 0
+    if args.resume and rank == 0 and os.path.exists(log_path):  # keep the records the checkpoint covers; a
+        # kill inside a write leaves a torn last line, without its "}\n" (only the last: each resume rewrites)
+        kept = [line for line in open(log_path) if line.endswith("}\n") and json.loads(line).get("step", 0) <= step]
+        parallel.atomic_write(log_path, lambda f: f.write("".join(kept).encode()))
     log = open(log_path, "a" if args.resume else "w") if rank == 0 else None
 
     def record(**kv):
@@ -363,13 +411,15 @@ def main(argv=None):
             log.write(json.dumps(kv) + "\n")
             log.flush()
 
-    record(type="config", resumed_from=step if args.resume else None, world_size=world, **vars(args), **est,
+    record(type="config", resumed_from=step if args.resume else None, **vars(args), **est,
            model_config=asdict(raw_model.cfg), data_meta=meta, **run_info())
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     tokens_per_step = args.batch_size * args.grad_accum * args.seq_len * world
     say(f"{tokens_per_step:,} tokens per step ({world} x {args.batch_size} x {args.grad_accum} x {args.seq_len}), "
         f"{args.max_steps} steps from step {step}; logging to {log_path}")
-    stop_at = min(args.max_steps, args.stop_at_step or args.max_steps)
+    stop_at = args.stop_at_step or args.max_steps
+    if step >= stop_at:
+        say(f"note: the checkpoint is at step {step}, and this run stops at step {stop_at}: nothing to train")
     t_start, interval_time, interval_steps = time.time(), 0.0, 0  # tokens/s counts training time only
     while step < stop_at:
         t_step = time.time()
@@ -408,9 +458,10 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == stop_at:
             val_loss = evaluate(model, val_data, args, autocast, rank, world)
             stop_if_not_finite(val_loss, "val", step, args, record)
-            say(f"eval step {step}: val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
-            record(type="eval", step=step, val_loss=val_loss, val_ppl=math.exp(val_loss))
-            save_checkpoint(args, rank, raw_model, optimizer, step)
+            val_ppl = math.exp(val_loss) if val_loss < 700 else math.inf  # exp overflows past 709.78
+            say(f"eval step {step}: val loss {val_loss:.4f} | val ppl {val_ppl:.2f}")
+            record(type="eval", step=step, val_loss=val_loss, val_ppl=val_ppl)
+            save_checkpoint(args, rank, raw_model, optimizer, step, meta)
     if log:
         log.close()
     say(f"use the model:\n  python sample.py --out-dir {args.out_dir} --max-new-tokens 200\n"

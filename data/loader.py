@@ -1,16 +1,18 @@
 """
 Reading the token streams that data/prepare.py writes (train.bin, val.bin, meta.json) for train.py:
 random training windows that are a pure function of (seed, step, micro-step), split across ranks,
-and a fixed set of validation windows. Every problem with the files stops with what to do about it.
+and a fixed set of validation windows. Every problem with the files is a DataError saying what to do.
 """
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+
+class DataError(Exception):
+    """A problem with the prepared files; the message says what to do."""
 
 
 class TokenData:
@@ -23,13 +25,13 @@ class TokenData:
         path = os.path.join(folder, f"{split}.bin")
         expected = meta[f"{split}_tokens"]
         if expected == 0:
-            sys.exit(f"error: the {split} split of {folder} is empty: prepare more data (the val split takes ~2% of "
-                     f"the documents, chosen by a hash of each one).")
+            raise DataError(f"the {split} split of {folder} is empty: prepare more data (the val split takes ~2% "
+                            f"of the documents, chosen by a hash of each one).")
         size = os.path.getsize(path) if os.path.exists(path) else -1
         if size != expected * np.dtype(meta["dtype"]).itemsize:
-            sys.exit(f"error: {path} is missing or has the wrong size ({size} bytes; meta.json says {expected} "
-                     f"{meta['dtype']} tokens): the data is incomplete or corrupt. Delete {folder} and prepare "
-                     f"it again (python data/prepare.py ...).")
+            raise DataError(f"{path} is missing or has the wrong size ({size} bytes; meta.json says {expected} "
+                            f"{meta['dtype']} tokens): the data is incomplete or corrupt. Delete {folder} and "
+                            f"prepare it again (python data/prepare.py ...).")
         self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
 
     def random_batch(self, step, micro, batch_size, seq_len, seed, device, rank=0, world=1):
@@ -52,23 +54,35 @@ class TokenData:
 
 
 def load_data(args, rank, default_folder):
-    """-> (meta, train split, val split). The offline default is prepared on first use (by rank 0)."""
+    """-> (meta, train split, val split, None), or (None, None, None, what is wrong and what to do)
+    on a rank that cannot read the data: train.py then exits on every rank together, as one that
+    exited alone would leave the others waiting in a collective. The offline default is prepared on
+    first use (by rank 0)."""
     meta_path = os.path.join(args.data, "meta.json")
-    if not os.path.exists(meta_path) and os.path.abspath(args.data) != os.path.abspath(default_folder):
-        sys.exit(f"error: no prepared data at {args.data} (no meta.json). Prepare it with "
-                 f"`python data/prepare.py ...`, or leave out --data to use the offline default.")
-    if not os.path.exists(meta_path) and rank == 0:
+    default = os.path.abspath(args.data) == os.path.abspath(default_folder)
+    if not os.path.exists(meta_path) and default and rank == 0:
         print(f"no data at {args.data}: preparing the offline default (Python's standard library source)")
         from data.prepare import prepare_stdlib
         prepare_stdlib(args.data)
     if dist.is_initialized():
         dist.barrier()  # other ranks wait for rank 0's preparation
     try:
+        return (*open_data(args.data, meta_path, args.seq_len, default), None)
+    except DataError as e:
+        return None, None, None, str(e)
+
+
+def open_data(folder, meta_path, seq_len, default):
+    if not os.path.exists(meta_path):
+        raise DataError(f"no prepared data at {folder} (no meta.json). Prepare it with `python data/prepare.py ...`"
+                        + ("." if default else ", or leave out --data to use the offline default."))
+    try:
         with open(meta_path) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        sys.exit(f"error: cannot read {meta_path} ({e}): delete {args.data} and prepare it again.")
-    train, val = TokenData(args.data, "train", meta), TokenData(args.data, "val", meta)
-    if len(train.tokens) <= args.seq_len + 1 or len(val.tokens) <= args.seq_len + 1:
-        sys.exit(f"error: the data at {args.data} is shorter than one sequence of {args.seq_len} tokens")
+        raise DataError(f"cannot read {meta_path} ({e}): delete {folder} and prepare it again.")
+    train, val = TokenData(folder, "train", meta), TokenData(folder, "val", meta)
+    if len(train.tokens) <= seq_len + 1 or len(val.tokens) <= seq_len + 1:
+        raise DataError(f"the data at {folder} is shorter than one sequence of --seq-len {seq_len} tokens: pass a "
+                        f"smaller --seq-len or prepare more data.")
     return meta, train, val
