@@ -9,7 +9,6 @@ windows and the loss are train.py's own (train.evaluate on data.loader's fixed v
 the figure equals the eval record the run logged at that step with the same --eval-tokens.
 """
 import argparse
-import math
 import sys
 
 import torch
@@ -53,7 +52,7 @@ def main(argv=None):
     autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     loss = train.evaluate(model, val, run, autocast, rank=0, world=1)
     n_tokens = max(1, min(run.eval_tokens, len(val.tokens) - 1) // run.seq_len) * run.seq_len  # as eval_batches
-    print(f"{model.checkpoint}: val loss {loss:.4f} | val ppl {math.exp(loss):.2f} | {n_tokens:,} tokens of "
+    print(f"{model.checkpoint}: val loss {loss:.4f} | val ppl {train.perplexity(loss):.2f} | {n_tokens:,} tokens of "
           f"{run.data} in windows of {run.seq_len}, {run.dtype}")
     return loss
 

@@ -347,6 +347,10 @@ def stop_if_not_finite(loss, split, step, args, record):
              f"--grad-clip 1.0, then continue with --resume (or start again, e.g. with --dtype float32).")
 
 
+def perplexity(loss):
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows past 709.78
+
+
 def peak_memory_gb(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 1e9
@@ -458,7 +462,7 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == stop_at:
             val_loss = evaluate(model, val_data, args, autocast, rank, world)
             stop_if_not_finite(val_loss, "val", step, args, record)
-            val_ppl = math.exp(val_loss) if val_loss < 700 else math.inf  # exp overflows past 709.78
+            val_ppl = perplexity(val_loss)
             say(f"eval step {step}: val loss {val_loss:.4f} | val ppl {val_ppl:.2f}")
             record(type="eval", step=step, val_loss=val_loss, val_ppl=val_ppl)
             save_checkpoint(args, rank, raw_model, optimizer, step, meta)
