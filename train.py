@@ -180,12 +180,16 @@ def build_model(args, vocab_size):
 
 def build_optimizer(model, args):
     """AdamW or AdamW8bit (weight decay 0, as the paper). Embeddings and lm_head keep fp32 state
-    under AdamW8bit (the standard advice for token embeddings). --per-layer gives every parameter
-    its own optimizer, stepped from backward."""
+    under AdamW8bit (the standard advice for token embeddings). bf16 weights take AdamW as AdamW8bit
+    with fp32 state everywhere (torch AdamW's math, bit for bit) for its stochastic rounding: torch's
+    AdamW would round every update to the nearest bf16 and lose those below half an ulp (optim.py).
+    --per-layer gives every parameter its own optimizer, stepped from backward."""
 
     def make(params):
-        if args.optimizer == "adamw":
+        if args.optimizer == "adamw" and args.param_dtype == "float32":
             return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        if args.optimizer == "adamw":
+            return AdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fp32_state=True)
         embeddings = {id(model.tok_emb.weight), id(model.lm_head.weight)}
         groups = [dict(params=[p for p in params if id(p) not in embeddings]),
                   dict(params=[p for p in params if id(p) in embeddings], fp32_state=True)]
