@@ -21,8 +21,7 @@ import train
 from model import CONFIGS
 from optim import PerLayerOptimizer
 
-VOCAB = 257
-COMMON = ["--batch-size", "2", "--seq-len", "64", "--vocab-size", str(VOCAB), "--device", "cpu", "--grad-accum", "1"]
+COMMON = ["--batch-size", "2", "--seq-len", "64", "--device", "cpu", "--grad-accum", "1"]
 SETTINGS = {  # each changes what one GPU holds
     "fp32 AdamW": [],
     "fp32 weights, AdamW8bit, bf16 compute": ["--optimizer", "adamw8bit", "--dtype", "bfloat16"],
@@ -57,7 +56,7 @@ class LiveStorages(TorchDispatchMode):
 def measure(args):
     """Two steps of the real loop (train.py's, on CPU); returns the bytes each plan line stands for."""
     dtype = getattr(torch, args.dtype)
-    model, _ = parallel.parallelize(train.build_model(args, VOCAB), args, dtype, None)
+    model, _ = parallel.parallelize(train.build_model(args, args.vocab_size), args, dtype, None)
     params = list(model.parameters())
     grads = [0]
 
@@ -72,7 +71,7 @@ def measure(args):
     activations = 0
     for step in range(2):
         for micro in range(args.grad_accum):
-            x = torch.randint(VOCAB, (args.batch_size, args.seq_len))
+            x = torch.randint(args.vocab_size, (args.batch_size, args.seq_len))
             with LiveStorages() as live, autocast:
                 logits, loss = model(x, x)  # train.py holds the logits too (as `_`) through backward
             activations = max(activations, live.alive(state))
@@ -88,14 +87,14 @@ def measure(args):
                 buffers=sum(b.nbytes for b in model.buffers()), activations=activations)
 
 
-@pytest.mark.parametrize("size", ["tiny", "60m"])
-def test_plan_is_what_a_run_allocates(size, monkeypatch):
+@pytest.mark.parametrize("size,vocab", [("tiny", 32000), ("60m", 257)])  # the head's share large, then small
+def test_plan_is_what_a_run_allocates(size, vocab, monkeypatch):
     if size == "60m":  # the 60m shapes (dim, ffn, heads, r, delta), 2 of its 8 blocks
         monkeypatch.setitem(CONFIGS, "60m", replace(CONFIGS["60m"], n_layers=2))
     rows = []
     for name, flags in SETTINGS.items():
-        args = train.get_args(["--model", size, *COMMON, *flags])
-        plan = parallel.memory_plan(args, train.build_model(args, VOCAB))
+        args = train.get_args(["--model", size, "--vocab-size", str(vocab), *COMMON, *flags])
+        plan = parallel.memory_plan(args, train.build_model(args, vocab))
         real = measure(args)
         rows += [(name, line, plan[line], real[line]) for line in real]
     print(f"\n{'setting':<44} {'line':<16} {'planned':>10} {'measured':>10} ratio")
@@ -107,11 +106,11 @@ def test_plan_is_what_a_run_allocates(size, monkeypatch):
 
 def test_checkpointing_plan_recomputes_one_block():
     """recompute: one block's saved tensors, as a real run without checkpointing saves them, less its input."""
-    flags = ["--model", "tiny", *COMMON, "--dtype", "bfloat16"]
+    flags = ["--model", "tiny", "--vocab-size", "257", *COMMON, "--dtype", "bfloat16"]
     plain = measure(train.get_args(flags))["activations"]
     checkpointed = measure(train.get_args(flags + ["--activation-checkpointing"]))["activations"]
     args = train.get_args(flags + ["--activation-checkpointing"])
-    model = train.build_model(args, VOCAB)
+    model = train.build_model(args, 257)
     block_input = args.batch_size * args.seq_len * model.cfg.dim * 4  # the fp32 residual stream
     per_block = (plain - checkpointed) / model.cfg.n_layers + block_input
     recompute = parallel.memory_plan(args, model)["recompute"]
