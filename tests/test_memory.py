@@ -120,8 +120,9 @@ def test_checkpointing_plan_recomputes_one_block():
 def peak_rss_gb(code):
     """Peak resident memory of a fresh process running `code`: VmHWM, its own address space's high-water
     mark (ru_maxrss would carry over the pytest process that forked it)."""
-    out = subprocess.run([sys.executable, "-c", code + "\nprint(open('/proc/self/status').read())"],
-                         capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.abspath(train.__file__)))
+    code += "\nprint(open('/proc/self/status').read())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(train.__file__)))
     return int(out.stdout.split("VmHWM:")[1].split()[0]) / 1e6  # kB -> GB
 
 
@@ -131,3 +132,19 @@ def test_dry_run_allocates_nothing():
     dry_run = peak_rss_gb("import train\ntrain.main(['--model', '7b', '--dry-run', '--vocab-size', '32000'])")
     print(f"\npeak RSS: import torch {torch_only:.3f} GB, --model 7b --dry-run {dry_run:.3f} GB")
     assert dry_run - torch_only < 0.3, (dry_run, torch_only)
+
+
+def test_per_layer_optimizers_share_code_books():
+    """--per-layer makes one AdamW8bit per tensor; each with its own pair of code books (0.66 MB of
+    lookup tables) would hold 0.49 GB at 7b (737 such tensors) that no plan line counts."""
+    args = train.get_args(["--model", "tiny", "--vocab-size", "257", *COMMON, "--optimizer", "adamw8bit",
+                           "--per-layer"])
+    model, _ = parallel.parallelize(train.build_model(args, 257), args, torch.float32, None)
+    optimizer = train.build_optimizer(model, args)
+    x = torch.randint(257, (args.batch_size, args.seq_len))
+    model(x, x)[1].backward()
+    optimizer.step()
+    eight_bit = [opt for opt in optimizer.optimizers.values() if any("m_codes" in s for s in opt.state.values())]
+    tables = {opt.book(torch.device("cpu"), signed).lut_threshold.data_ptr()
+              for opt in eight_bit for signed in (True, False)}
+    assert len(eight_bit) > 10 and len(tables) == 2
