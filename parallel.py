@@ -306,7 +306,7 @@ def activation_bytes(model, batch_size, seq_len, dtype):
       recompute:    the most one block saves, alive again while backward recomputes it.
     The fused attention (flash, on GPU and CPU) saves q, k, v, its output and the log-sum-exp.
     On CUDA, SLLinear's Triton route saves z = x A^T as well (kernels.py), not counted here."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode  # meta tensors that autocast accepts as "cpu"
     model = copy.deepcopy(model)
     size, saved, blocks, inputs, keep = {}, set(), [], set(), []  # storage id -> bytes; sets of ids
 
@@ -370,8 +370,11 @@ def memory_report(args, model, build):
           f"{' per-layer' if args.per_layer else ''}, {args.grad_accum} micro-step(s) of {args.batch_size} x "
           f"{args.seq_len} tokens{', activation checkpointing' if args.activation_checkpointing else ''}, "
           f"--dist {args.dist} on {args.gpus} GPU(s)")
-    notes = dict(gradients="per-layer with accumulation keeps them all between micro-steps" if args.per_layer
-                 and args.grad_accum > 1 else "one tensor's at a time" if args.per_layer else "",
+    accumulating = args.grad_accum > 1
+    notes = dict(gradients="unsharded fp32 while FSDP2 accumulates" if args.dist == "fsdp" and accumulating else
+                 "kept between micro-steps: per-layer steps on the last" if args.per_layer and accumulating else
+                 "one tensor's at a time (per-layer)" if args.per_layer else
+                 "and DDP's all-reduce buckets" if args.dist == "ddp" else "",
                  buffers="support indices and RoPE tables", activations="saved for backward, and the logits",
                  recompute="one block recomputed in backward")
     for name, b in plan.items():

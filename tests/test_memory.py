@@ -149,3 +149,13 @@ def test_per_layer_optimizers_share_code_books():
     tables = {opt.book(torch.device("cpu"), signed).lut_threshold.data_ptr()
               for opt in eight_bit for signed in (True, False)}
     assert len(eight_bit) > 10 and len(tables) == 2
+
+
+@pytest.mark.parametrize("gpus", [1, 8])
+def test_dry_run_plans_the_papers_tokens_per_step(gpus):
+    """Every paper size's default recipe trains 512 x 256 = 131,072 tokens per step (REFERENCE §2) on the GPUs a
+    dry run plans for, with the parallelism torchrun would get there: DDP, or FSDP2 for 1b and 7b."""
+    for size in ("60m", "130m", "350m", "1b", "7b"):
+        args = train.get_args(["--model", size, "--dry-run", "--gpus", str(gpus)])
+        assert args.gpus * args.batch_size * args.grad_accum * args.seq_len == 131_072, size
+        assert args.dist == ("none" if gpus == 1 else "fsdp" if size in ("1b", "7b") else "ddp"), size
