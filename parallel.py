@@ -265,10 +265,12 @@ GB = 1e9
 PAPER_TOKENS_PER_STEP, PAPER_LR = 512 * 256, 3e-3  # the public SLTrain scripts, every size
 
 
-def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus):
+def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus, on_gpu):
     """Bytes one GPU holds for the weights, gradients, optimizer state and buffers of a meta model
     (its parameters in the run's --param-dtype). FSDP2 divides the first three by the GPUs; buffers
-    (support indices, RoPE tables) are on every GPU."""
+    (support indices, RoPE tables) are on every GPU, and there (on_gpu) the kernels' SupportLayout of
+    each support too, int32: col_order (nnz,), row_ptr (out+1,), col_ptr (in+1,), built the first
+    time the Triton route runs (small token counts: eval tails, small micro-batches, decoding)."""
     params = list(model.parameters())
     n = gpus if dist == "fsdp" else 1
     width = params[0].element_size()  # 4 or 2 bytes per weight and per gradient
@@ -291,8 +293,9 @@ def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus):
             states += 8 * numel
         else:  # m and v: one byte per element and an fp32 absmax per block of 256
             states += 2 * (numel + 4 * math.ceil(numel / BLOCK))
+    layout = sum(4 * (m.nnz + m.out_features + m.in_features + 2) for m in model.modules() if isinstance(m, SLLinear))
     return dict(weights=width * total / n, gradients=grads, optimizer_state=states,
-                buffers=sum(b.nbytes for b in model.buffers()))
+                buffers=sum(b.nbytes for b in model.buffers()), support_layout=layout if on_gpu else 0)
 
 
 def activation_bytes(model, batch_size, seq_len, dtype):
@@ -350,7 +353,8 @@ def memory_plan(args, model):
     """Bytes one GPU holds in this run: weights, gradients, optimizer state, buffers, activations of
     one micro-batch and (with --activation-checkpointing) one recomputed block. model: the run's
     meta model (train.build_model)."""
-    plan = model_state_bytes(model, args.optimizer, args.per_layer, args.grad_accum, args.dist, args.gpus)
+    on_gpu = args.dry_run or args.device.startswith("cuda")  # a dry run plans for GPUs
+    plan = model_state_bytes(model, args.optimizer, args.per_layer, args.grad_accum, args.dist, args.gpus, on_gpu)
     acts = activation_bytes(model, args.batch_size, args.seq_len, getattr(torch, args.dtype))
     checkpointing = args.activation_checkpointing
     plan.update(activations=acts["checkpointed" if checkpointing else "plain"],
@@ -375,7 +379,8 @@ def memory_report(args, model, build):
                  "kept between micro-steps: per-layer steps on the last" if args.per_layer and accumulating else
                  "one tensor's at a time (per-layer)" if args.per_layer else
                  "and DDP's all-reduce buckets" if args.dist == "ddp" else "",
-                 buffers="support indices and RoPE tables", activations="saved for backward, and the logits",
+                 buffers="support indices and RoPE tables", support_layout="the kernels' (Triton route, GPU)",
+                 activations="saved for backward, and the logits",
                  recompute="one block recomputed in backward")
     for name, b in plan.items():
         print(f"  {name:<16} {b / GB:8.2f} GB  {notes.get(name, '')}")
@@ -383,7 +388,7 @@ def memory_report(args, model, build):
     for label, method, optimizer, per_layer in (("full + AdamW", "full", "adamw", False),
                                                 ("sltrain + AdamW8bit", "sltrain", "adamw8bit", False),
                                                 ("sltrain + AdamW8bit + per-layer", "sltrain", "adamw8bit", True)):
-        states = model_state_bytes(build(method), optimizer, per_layer, args.grad_accum, args.dist, args.gpus)
+        states = model_state_bytes(build(method), optimizer, per_layer, args.grad_accum, args.dist, args.gpus, True)
         setups[label] = round(sum(states.values()) / GB, 2)
     print(f"\nmodel states per GPU (weights, gradients, optimizer state, buffers) of the paper's 7b comparison, "
           f"with this run's dtype, micro-steps and GPUs:")

@@ -20,6 +20,7 @@ import parallel
 import train
 from model import CONFIGS
 from optim import PerLayerOptimizer
+from sltrain import SLLinear
 
 COMMON = ["--batch-size", "2", "--seq-len", "64", "--device", "cpu", "--grad-accum", "1"]
 SETTINGS = {  # each changes what one GPU holds
@@ -159,3 +160,15 @@ def test_dry_run_plans_the_papers_tokens_per_step(gpus):
         args = train.get_args(["--model", size, "--dry-run", "--gpus", str(gpus)])
         assert args.gpus * args.batch_size * args.grad_accum * args.seq_len == 131_072, size
         assert args.dist == ("none" if gpus == 1 else "fsdp" if size in ("1b", "7b") else "ddp"), size
+
+
+def test_support_layout_line_is_the_kernels_layouts():
+    """On a GPU the plan adds each SL layer's SupportLayout (the Triton route builds it once): its bytes
+    are those of the layouts kernels.support_layout builds for the real layers."""
+    import kernels
+    args = train.get_args(["--model", "60m", "--vocab-size", "257", *COMMON])
+    model, _ = parallel.parallelize(train.build_model(args, 257), args, torch.float32, None)
+    built = [kernels.support_layout(m) for m in model.modules() if isinstance(m, SLLinear)]
+    real = sum(t.nbytes for layout in built for t in (layout.row_ptr, layout.col_order, layout.col_ptr))
+    plan = parallel.model_state_bytes(train.build_model(args, 257), "adamw", False, 1, "none", 1, on_gpu=True)
+    assert len(built) == 7 * 8 and plan["support_layout"] == real
