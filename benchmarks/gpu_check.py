@@ -9,7 +9,7 @@ From the repository root it runs, one after another (a part that fails is marked
   3. `python optim.py --bench`
   4. `python train.py --model 60m` for 200 steps, full and sltrain: tokens/s and peak memory
   5. `python train.py --model 350m` for 30 steps, full and sltrain: tokens/s
-  6. the 7b one-GPU recipe (README) for 5 steps: its real peak memory next to its `--dry-run` plan
+  6. the 7b one-GPU memory check (README: no accumulation) for 5 steps: its real peak memory next to its `--dry-run` plan
 and writes everything to benchmarks/results/gpu_check-<device>.md. The training runs use the
 offline stdlib data (no network) at the paper's 512 x 256 tokens per step; 7b uses the paper's
 32000 vocabulary. tokens/s is the median over log intervals after the first (compilation, warm-up).
