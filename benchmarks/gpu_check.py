@@ -11,8 +11,8 @@ From the repository root it runs, one after another (a part that fails is marked
   5. `python train.py --model 350m` for 30 steps, full and sltrain: tokens/s
   6. the 7b one-GPU memory check (README: no accumulation) for 5 steps: its real peak memory next to its `--dry-run` plan
 and writes everything to benchmarks/results/gpu_check-<device>.md. The training runs use the
-offline stdlib data (no network) at the paper's 512 x 256 tokens per step; 7b uses the paper's
-32000 vocabulary. tokens/s is the median over log intervals after the first (compilation, warm-up).
+offline stdlib data (no network) at the paper's 512 x 256 tokens per step, except 7b (16 x 256,
+at the paper's 32000 vocabulary). tokens/s is the median over log intervals after the first (compilation, warm-up).
 """
 import datetime
 import json
