@@ -80,6 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
+from model import CONFIGS
 import sltrain
 
 
@@ -382,8 +383,8 @@ def compile_report(archs=(80, 90)):
 # -----------------------------------------------------------------------------
 # benchmark: python kernels.py --bench (a CUDA GPU only)
 
-SHAPES = {"60m": (512, 1376, 128, 0.03), "130m": (768, 2048, 256, 0.03), "350m": (1024, 2736, 256, 0.03),
-          "1b": (2048, 5461, 512, 0.03), "7b": (4096, 11008, 1024, 0.05)}  # name: (dim, ffn, rank, delta)
+# the paper's sizes as model.py defines them: name -> (dim, ffn, rank, delta)
+SHAPES = {name: (c.dim, c.ffn_dim, c.rank, c.delta) for name, c in CONFIGS.items() if name != "tiny"}
 
 
 def bench(T=8192, dtype=torch.bfloat16):

@@ -164,6 +164,11 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+# (device, signed) -> Codebook, shared by every AdamW8bit: per-layer updates make one optimizer per
+# tensor (737 with 8-bit state at 7b), and a pair of books each (0.66 MB of tables) would add 0.49 GB
+_BOOKS = {}
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose moments are stored as 8-bit block-wise codes (see the module docstring).
 
@@ -192,13 +197,12 @@ class AdamW8bit(torch.optim.Optimizer):
                         fp32_state=fp32_state, min_8bit_size=min_8bit_size)
         super().__init__(params, defaults)
         self.use_triton = use_triton
-        self._books = {}  # (device, signed) -> Codebook
 
     def book(self, device, signed):
         key = (str(device), signed)
-        if key not in self._books:
-            self._books[key] = Codebook(signed).to(device)
-        return self._books[key]
+        if key not in _BOOKS:
+            _BOOKS[key] = Codebook(signed).to(device)
+        return _BOOKS[key]
 
     @property
     def skipped(self):

@@ -16,6 +16,8 @@ quantized state on the local shard as plain tensors, which torch.distributed.che
 take for replicated ones. Resume needs the same world size; `--consolidate` gathers the weights
 into one ordinary state dict.
 """
+import copy
+import math
 import os
 import shutil
 import sys
@@ -28,15 +30,20 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from model import Block, init_module
+from model import init_module
+from optim import BLOCK
 from sltrain import SLLinear
+
+
+def default_dist(world, model):
+    """--dist when not given: none in one process; under torchrun DDP replicas for the sizes whose
+    replica and AdamW states fit one GPU, FSDP2 shards for 1b and 7b."""
+    return "none" if world == 1 else ("fsdp" if model in ("1b", "7b") else "ddp")
 
 
 def setup(args):
     """Join the torchrun process group (if any) and pick this rank's device. Returns (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.dist is None:  # a sensible default: replicas for models that fit, shards for 1b and 7b
-        args.dist = "none" if world == 1 else ("fsdp" if args.model in ("1b", "7b") else "ddp")
     if args.dist == "none":
         if world > 1:
             sys.exit("error: --dist none under torchrun would train independent copies; use --dist ddp or fsdp")
@@ -251,70 +258,141 @@ def consolidate(args, model):
 
 
 # -----------------------------------------------------------------------------
-# memory planning for --dry-run
+# the memory plan (--dry-run): the bytes one GPU holds, counted without allocating anything.
+# tests/test_memory.py checks every line of it against the tensors a real run allocates.
+
+GB = 1e9
+PAPER_TOKENS_PER_STEP, PAPER_LR = 512 * 256, 3e-3  # the public SLTrain scripts, every size
 
 
-def memory_plan(args, build):
-    """Per-GPU memory of model states (weights, gradients, optimizer states) for the setups the
-    paper compares at 7b, sharded over args.gpus GPUs by FSDP2 (support indices are buffers: every
-    GPU holds them, int32, and the kernels' SupportLayout of them once the Triton route has run),
-    and activation memory per sequence. build(method) -> meta model."""
-    n, gb = args.gpus, 1e9
-    plans = {}
+def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus, on_gpu):
+    """Bytes one GPU holds for the weights, gradients, optimizer state and buffers of a meta model
+    (its parameters in the run's --param-dtype). FSDP2 divides the first three by the GPUs; buffers
+    (support indices, RoPE tables) are on every GPU, and there (on_gpu) the kernels' SupportLayout of
+    each support too, int32: col_order (nnz,), row_ptr (out+1,), col_ptr (in+1,), built the first
+    time the Triton route runs (small token counts: eval tails, small micro-batches, decoding)."""
+    params = list(model.parameters())
+    n = gpus if dist == "fsdp" else 1
+    width = params[0].element_size()  # 4 or 2 bytes per weight and per gradient
+    total = sum(p.numel() for p in params)
+    if dist == "fsdp" and grad_accum > 1:
+        # until the last micro-step syncs, FSDP2 keeps each gradient unsharded, in its fp32 reduce
+        # dtype, on every GPU; the reduce-scatter then leaves the sharded ones
+        grads = 4 * total + (0 if per_layer else width * total / n)
+    elif per_layer and (grad_accum == 1 or dist == "fsdp"):
+        grads = width * max(p.numel() for p in params) / n  # each gradient is freed by its own update
+    else:  # all of them, accumulated over the micro-steps (per-layer steps on the last one)
+        grads = width * total * (2 if dist == "ddp" else 1) / n  # DDP copies them into all-reduce buckets
+    embeddings = {id(model.tok_emb.weight), id(model.lm_head.weight)}
+    states = 0
+    for p in params:
+        numel = p.numel() / n
+        if optimizer == "adamw":  # torch AdamW: m and v in the parameter's dtype, a 4-byte step count
+            states += 2 * width * numel + 4
+        elif id(p) in embeddings or numel < 4096:  # AdamW8bit's fp32_state and min_8bit_size
+            states += 8 * numel
+        else:  # m and v: one byte per element and an fp32 absmax per block of 256
+            states += 2 * (numel + 4 * math.ceil(numel / BLOCK))
+    layout = sum(4 * (m.nnz + m.out_features + m.in_features + 2) for m in model.modules() if isinstance(m, SLLinear))
+    return dict(weights=width * total / n, gradients=grads, optimizer_state=states,
+                buffers=sum(b.nbytes for b in model.buffers()), support_layout=layout if on_gpu else 0)
+
+
+def activation_bytes(model, batch_size, seq_len, dtype):
+    """Bytes one training forward of a (batch_size, seq_len) micro-batch leaves for backward, counted
+    by running a copy of the meta model on fake tensors (shapes and dtypes only, no memory) under
+    autocast to `dtype`: every tensor autograd saves, less parameters and buffers, plus the logits
+    the caller holds. Returns
+      plain:        all of it;
+      checkpointed: with activation checkpointing, what is saved outside the blocks plus each
+                    block's input (a block keeps nothing else);
+      recompute:    the most one block saves, alive again while backward recomputes it.
+    The fused attention (flash, on GPU and CPU) saves q, k, v, its output and the log-sum-exp.
+    On CUDA, SLLinear's Triton route saves z = x A^T as well (kernels.py), not counted here."""
+    from torch._subclasses.fake_tensor import FakeTensorMode  # meta tensors that autocast accepts as "cpu"
+    model = copy.deepcopy(model)
+    size, saved, blocks, inputs, keep = {}, set(), [], set(), []  # storage id -> bytes; sets of ids
+
+    def key(t):
+        keep.append(t)  # alive until we are done, so no id is reused
+        size[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t.untyped_storage()._cdata
+
+    def pack(t):
+        saved.add(key(t))
+        if blocks and blocks[-1] is not None:
+            blocks[-1].add(key(t))
+        return t
+
+    def enter(block, args):
+        inputs.add(key(args[0]))
+        blocks.append(set())
+
+    def leave(block, args, out):
+        blocks.append(None)  # back outside the blocks
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        for block in model.blocks:
+            block.register_forward_pre_hook(enter)
+            block.register_forward_hook(leave)
+        idx = torch.zeros(batch_size, seq_len, dtype=torch.long)
+        state = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(), idx]}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+            logits, loss = model(idx, idx)
+    blocks = [b for b in blocks if b is not None]
+    outside = saved - set().union(*blocks) - state
+    count = lambda ids: sum(size[i] for i in ids)
+    return dict(plain=count(saved - state | {key(logits)}),
+                checkpointed=count(outside | inputs | {key(logits)}),
+                recompute=max(count(b - state) for b in blocks))
+
+
+def memory_plan(args, model):
+    """Bytes one GPU holds in this run: weights, gradients, optimizer state, buffers, activations of
+    one micro-batch and (with --activation-checkpointing) one recomputed block. model: the run's
+    meta model (train.build_model)."""
+    on_gpu = args.dry_run or args.device.startswith("cuda")  # a dry run plans for GPUs
+    plan = model_state_bytes(model, args.optimizer, args.per_layer, args.grad_accum, args.dist, args.gpus, on_gpu)
+    acts = activation_bytes(model, args.batch_size, args.seq_len, getattr(torch, args.dtype))
+    checkpointing = args.activation_checkpointing
+    plan.update(activations=acts["checkpointed" if checkpointing else "plain"],
+                recompute=acts["recompute"] if checkpointing else 0)
+    return dict(**plan, total=sum(plan.values()))
+
+
+def memory_report(args, model, build):
+    """Print the plan for this run, and the model states of the setups the paper compares at 7b with
+    this run's other flags; build(method) -> meta model. Returns both, in GB, for the JSON line."""
+    tokens = args.gpus * args.batch_size * args.grad_accum * args.seq_len
+    print(f"tokens per step: {tokens:,} = {args.gpus} GPU(s) x {args.batch_size} sequences x {args.grad_accum} "
+          f"micro-steps x {args.seq_len} tokens ({tokens / PAPER_TOKENS_PER_STEP:.3g} x the paper's "
+          f"{PAPER_TOKENS_PER_STEP:,}); lr {args.lr:g} (the paper's: {PAPER_LR:g})")
+    plan = memory_plan(args, model)
+    print(f"\nmemory per GPU, planned: {args.param_dtype} weights, {args.dtype} compute, {args.optimizer}"
+          f"{' per-layer' if args.per_layer else ''}, {args.grad_accum} micro-step(s) of {args.batch_size} x "
+          f"{args.seq_len} tokens{', activation checkpointing' if args.activation_checkpointing else ''}, "
+          f"--dist {args.dist} on {args.gpus} GPU(s)")
+    accumulating = args.grad_accum > 1
+    notes = dict(gradients="unsharded fp32 while FSDP2 accumulates" if args.dist == "fsdp" and accumulating else
+                 "kept between micro-steps: per-layer steps on the last" if args.per_layer and accumulating else
+                 "one tensor's at a time (per-layer)" if args.per_layer else
+                 "and DDP's all-reduce buckets" if args.dist == "ddp" else "",
+                 buffers="support indices and RoPE tables", support_layout="the kernels' (Triton route, GPU)",
+                 activations="saved for backward, and the logits",
+                 recompute="one block recomputed in backward")
+    for name, b in plan.items():
+        print(f"  {name:<16} {b / GB:8.2f} GB  {notes.get(name, '')}")
+    setups = {}
     for label, method, optimizer, per_layer in (("full + AdamW", "full", "adamw", False),
                                                 ("sltrain + AdamW8bit", "sltrain", "adamw8bit", False),
                                                 ("sltrain + AdamW8bit + per-layer", "sltrain", "adamw8bit", True)):
-        model = build(method)
-        params = list(model.parameters())
-        total = sum(p.numel() for p in params)
-        embeddings = model.tok_emb.weight.numel() + model.lm_head.weight.numel()
-        indices = sum(4 * m.nnz for m in model.modules() if isinstance(m, SLLinear))
-        # kernels.SupportLayout, int32: col_order (nnz,), row_ptr (out+1,), col_ptr (in+1,)
-        layout = sum(4 * (m.nnz + m.out_features + m.in_features + 2) for m in model.modules() if isinstance(m, SLLinear))
-        width = params[0].element_size()  # --param-dtype: 4 or 2 bytes per weight and per gradient
-        weights = width * total / n
-        # per-layer: a gradient lives only until its own update, so about one tensor's worth at a time
-        grads = width * max(p.numel() for p in params) / n if per_layer else width * total / n
-        if optimizer == "adamw":  # torch AdamW keeps m and v in the parameters' dtype
-            states = 2 * width * total / n
-        else:  # 1 B per moment + an fp32 absmax per 256 (2.03 B/param); embeddings keep fp32 moments
-            states = (2 + 8 / 256) * (total - embeddings) / n + 8 * embeddings / n
-        plans[label] = round((weights + grads + states + indices + layout) / gb, 2)
-    return dict(model_states_gb=plans, activations_gb_per_sequence=activation_plan(args, build(args.method)))
-
-
-def activation_plan(args, model):
-    """Bytes autograd keeps per sequence, measured: one block (and the head) runs forward on the CPU
-    under bf16 autocast at two lengths; the difference per token drops the length-independent
-    tensors (autocast's weight copies). The block is a dense one of the same shape: SLLinear's
-    PyTorch route saves per token exactly what nn.Linear saves (its input), and densifying W on a
-    CPU would take minutes. Checkpointing keeps each block's input and recomputes one block at a
-    time in backward."""
-    def saved_bytes(module, x, fn):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
-            fn(module, x.requires_grad_())
-        return sum(seen.values())
-
-    def per_token(module, fn, lengths=(16, 32)):
-        module.to_empty(device="cpu")
-        for m in module.modules():
-            init_module(m)
-        b = [saved_bytes(module, torch.randn(1, t, model.cfg.dim), fn) for t in lengths]
-        module.to_empty(device="meta")
-        return (b[1] - b[0]) / (lengths[1] - lengths[0])
-
-    with torch.device("meta"):
-        dense_block = Block(model.cfg)
-    block = per_token(dense_block, lambda m, x: m(x))
-    head = per_token(torch.nn.ModuleDict(dict(norm=model.norm, lm_head=model.lm_head)),
-                     lambda m, x: torch.nn.functional.cross_entropy(
-                         m["lm_head"](m["norm"](x)).float().flatten(0, 1),
-                         torch.zeros(x.shape[1], dtype=torch.long)))
-    T, L, residual = args.seq_len, model.cfg.n_layers, 4 * model.cfg.dim  # the residual stream stays fp32
-    return {"no checkpointing": round(T * (L * block + head) / 1e9, 3),
-            "activation checkpointing": round(T * (L * residual + block + head) / 1e9, 3)}
+        states = model_state_bytes(build(method), optimizer, per_layer, args.grad_accum, args.dist, args.gpus, True)
+        setups[label] = round(sum(states.values()) / GB, 2)
+    print(f"\nmodel states per GPU (weights, gradients, optimizer state, buffers) of the paper's 7b comparison, "
+          f"with this run's dtype, micro-steps and GPUs:")
+    for label, gb in setups.items():
+        print(f"  {label:<36} {gb:8.2f} GB")
+    return dict(tokens_per_step=tokens, memory_plan_gb={k: round(v / GB, 3) for k, v in plan.items()},
+                model_states_gb=setups)

@@ -33,7 +33,8 @@ from sltrain import METHODS, SLLinear, swap_linears
 
 # -----------------------------------------------------------------------------
 # config: the paper's recipe per size (steps, global batch in sequences of 256 tokens, eval
-# tokens). `tiny` is ours, sized so a 2-core CPU sees the loss fall within minutes.
+# tokens): 512 x 256 = 131,072 tokens per step at lr 3e-3 for every size. `tiny` is ours, sized so
+# a 2-core CPU sees the loss fall within minutes: 16 x 256 = 4,096 tokens per step at the same lr.
 RECIPES = {
     "tiny": dict(steps=300, batch=16, eval_tokens=65_536),
     "60m": dict(steps=11_000, batch=512, eval_tokens=10_000_000),
@@ -110,8 +111,9 @@ def get_args(argv=None):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     cfg, recipe = CONFIGS[args.model], RECIPES[args.model]
-    world = args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    args.dist = args.dist or ("none" if world == 1 else "fsdp" if args.model in ("1b", "7b") else "ddp")
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world = args.gpus if args.dry_run and args.gpus else args.world_size  # a dry run plans for --gpus processes
+    args.dist = args.dist or parallel.default_dist(world, args.model)
     args.rank = cfg.rank if args.rank is None else args.rank
     args.delta = cfg.delta if args.delta is None else args.delta
     args.alpha = cfg.alpha if args.alpha is None else args.alpha
@@ -120,7 +122,7 @@ def get_args(argv=None):
     args.batch_size, args.grad_accum = split_batch(p, args, recipe["batch"], world)
     args.eval_every = args.eval_every or max(1, args.max_steps // 10)
     args.eval_tokens = args.eval_tokens or recipe["eval_tokens"]
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") or args.dry_run else "float32")
     args.out_dir = args.out_dir or os.path.join("out", f"{args.model}-{args.method}")
     args.gpus = args.gpus or world
     max_rank = min(cfg.dim, cfg.ffn_dim)  # every block linear is dim x dim, dim x ffn or ffn x dim
@@ -227,14 +229,8 @@ def dry_run(args):
           f"{est['support_nnz'] / 1e6:.2f}M sparse nonzeros")
     print(f"estimated memory (paper's count: bf16 weights + bf16 Adam moments + int64 indices): "
           f"{est['est_memory_gb']:.2f} GB")
-    plan = parallel.memory_plan(args, lambda method: build_model(argparse.Namespace(**{**vars(args), "method": method}),
-                                                                 vocab))
-    print(f"\nper-GPU memory of model states on {args.gpus} GPU(s) ({args.param_dtype} weights and gradients, "
-          f"sharded by FSDP2 when > 1; support indices on every GPU):")
-    for name, gb in plan["model_states_gb"].items():
-        print(f"  {name:<36} {gb:8.2f} GB")
-    for name, gb in plan["activations_gb_per_sequence"].items():
-        print(f"activations per sequence of {args.seq_len} tokens, {name}: {gb:.3f} GB")
+    plan = parallel.memory_report(args, model, lambda method: build_model(
+        argparse.Namespace(**{**vars(args), "method": method}), vocab))
     print(json.dumps(dict(model=args.model, method=args.method, vocab_size=vocab, gpus=args.gpus, **est, **plan)))
 
 
@@ -247,10 +243,9 @@ def dry_run(args):
 
 def save_checkpoint(args, rank, model, optimizer, step, meta):
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                 config=vars(args), model_config=asdict(model.cfg), data_meta=meta,
+                 config=vars(args), data_meta=meta,  # the step and config fix the data position and the model
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
-                 data_position=dict(step=step, micro_steps_per_step=args.grad_accum))
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
     if args.dist == "fsdp":
         return parallel.save_sharded(args.out_dir, state, step)
     if rank == 0:

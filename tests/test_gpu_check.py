@@ -28,8 +28,7 @@ def test_summarize_skips_the_warm_up_interval():
 def fake_run(args, timeout=3600):
     """Stands in for the commands: train.py logs two intervals (the first is warm-up), --dry-run prints a plan."""
     if args[0] == "train.py" and "--dry-run" in args:
-        plan = dict(model_states_gb={"sltrain + AdamW8bit + per-layer": 17.25},
-                    activations_gb_per_sequence={"activation checkpointing": 0.25})
+        plan = dict(memory_plan_gb={"weights": 6.29, "activations": 2.03, "total": 21.25})
         return "ok", 1.0, "plan text\n" + json.dumps(plan)
     if args[0] == "train.py":
         out = args[args.index("--out-dir") + 1]
@@ -54,5 +53,5 @@ def test_report_names_the_device_and_puts_7b_peak_next_to_the_plan(monkeypatch, 
     assert "| 60m full | 1,000 | 4.00 |" in report and "| 350m sltrain | 800 | 4.00 |" in report
     assert "60m: sltrain runs at 0.80x full's tokens/s." in report
     assert "| measured peak (torch.cuda.max_memory_allocated, first 5 steps) | 4.00 |" in report
-    assert "| plan: total | 21.25 |" in report  # 17.25 + 16 sequences x 0.25
+    assert "| plan: weights | 6.29 |" in report and "| plan: total | 21.25 |" in report  # every line of the plan
     assert not [d for d in os.listdir(gpu_check.ROOT) if d.startswith("tmp")]  # scratch runs removed
