@@ -287,10 +287,10 @@ def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus, on_gp
     states = 0
     for p in params:
         numel = p.numel() / n
-        if optimizer == "adamw":  # torch AdamW: m and v in the parameter's dtype, a 4-byte step count
-            states += 2 * width * numel + 4
-        elif id(p) in embeddings or numel < 4096:  # AdamW8bit's fp32_state and min_8bit_size
-            states += 8 * numel
+        if optimizer == "adamw" and width == 4:  # torch AdamW: fp32 m and v, a 4-byte step count
+            states += 8 * numel + 4
+        elif optimizer == "adamw" or id(p) in embeddings or numel < 4096:  # fp32 state: AdamW on bf16
+            states += 8 * numel  # weights (train.build_optimizer), AdamW8bit's fp32_state and min_8bit_size
         else:  # m and v: one byte per element and an fp32 absmax per block of 256
             states += 2 * (numel + 4 * math.ceil(numel / BLOCK))
     layout = sum(4 * (m.nnz + m.out_features + m.in_features + 2) for m in model.modules() if isinstance(m, SLLinear))

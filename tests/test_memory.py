@@ -25,6 +25,7 @@ from sltrain import SLLinear
 COMMON = ["--batch-size", "2", "--seq-len", "64", "--device", "cpu", "--grad-accum", "1"]
 SETTINGS = {  # each changes what one GPU holds
     "fp32 AdamW": [],
+    "bf16 weights, AdamW (fp32 state)": ["--param-dtype", "bfloat16", "--dtype", "bfloat16"],
     "fp32 weights, AdamW8bit, bf16 compute": ["--optimizer", "adamw8bit", "--dtype", "bfloat16"],
     "bf16 weights, AdamW8bit": ["--param-dtype", "bfloat16", "--optimizer", "adamw8bit", "--dtype", "bfloat16"],
     "bf16, AdamW8bit, per-layer, checkpointing": ["--param-dtype", "bfloat16", "--optimizer", "adamw8bit",
