@@ -39,8 +39,6 @@ Per-layer updates: PerLayerOptimizer steps each parameter from its own post-accu
 hook and frees its gradient at once, so no full gradient buffer ever exists. See its docstring.
 """
 import math
-import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -446,52 +444,3 @@ class PerLayerOptimizer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-# -----------------------------------------------------------------------------
-# benchmark: python optim.py --bench
-
-
-def state_bytes(opt):
-    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-
-
-def bench(numel=1 << 24, steps=5):
-    """ms per step on one tensor of `numel` elements: the median of `steps` steps after 2 warm-up steps."""
-    candidates = {"torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-                  "AdamW8bit (PyTorch)": lambda ps: AdamW8bit(ps, lr=1e-3, use_triton=False)}
-    if torch.cuda.is_available() and triton is not None:
-        candidates["AdamW8bit (Triton)"] = lambda ps: AdamW8bit(ps, lr=1e-3, use_triton=True)
-    try:
-        import bitsandbytes as bnb
-        candidates["bitsandbytes AdamW8bit"] = lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)
-    except ImportError:
-        pass
-    print(f"one tensor of {numel:,} elements, {torch.get_num_threads()} CPU threads, median of {steps} steps")
-    print(f"| {'optimizer':<24} | device | param    | ms/step | state bytes/param |")
-    print(f"|{'-' * 26}|--------|----------|---------|-------------------|")
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for dtype in (torch.float32, torch.bfloat16):
-            for name, make in candidates.items():
-                if device == "cpu" and name not in ("torch AdamW", "AdamW8bit (PyTorch)"):
-                    continue
-                p = torch.nn.Parameter(torch.randn(numel, device=device, dtype=dtype))
-                p.grad = torch.randn_like(p)
-                opt, times = make([p]), []
-                sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-                for _ in range(steps + 2):
-                    sync()
-                    t0 = time.perf_counter()
-                    opt.step()
-                    sync()
-                    times.append(time.perf_counter() - t0)
-                ms = sorted(times[2:])[steps // 2] * 1e3
-                dtype_name = str(dtype).removeprefix("torch.")
-                print(f"| {name:<24} | {device:<6} | {dtype_name:<8} | {ms:7.1f} | {state_bytes(opt) / numel:17.3f} |")
-
-
-if __name__ == "__main__":
-    if "--bench" in sys.argv:
-        bench()
-    else:
-        print("usage: python optim.py --bench")

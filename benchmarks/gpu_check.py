@@ -6,7 +6,7 @@ What only a GPU can show, in one command, on a CUDA machine:
 From the repository root it runs, one after another (a part that fails is marked and the rest go on):
   1. the test suite (`python -m pytest -q`: kernels compiled, tensors on the GPU)
   2. `python kernels.py --compile-report` and `python kernels.py --bench`
-  3. `python optim.py --bench`
+  3. `python benchmarks/optim_bench.py`
   4. `python train.py --model 60m` for 200 steps, full and sltrain: tokens/s and peak memory
   5. `python train.py --model 350m` for 30 steps, full and sltrain: tokens/s
   6. the 7b one-GPU memory check (README: no accumulation) for 5 steps: its real peak memory next to its `--dry-run` plan
@@ -75,7 +75,7 @@ def main():
     device = torch.cuda.get_device_name()
     parts, runs = [], {}  # parts: (title, command, status, seconds, output); runs: name -> (tokens/s, peak GB)
     for title, args in (("test suite", ["-m", "pytest", "-q"]), ("compile report", ["kernels.py", "--compile-report"]),
-                        ("kernel bench", ["kernels.py", "--bench"]), ("optimizer bench", ["optim.py", "--bench"])):
+                        ("kernel bench", ["kernels.py", "--bench"]), ("optimizer bench", ["benchmarks/optim_bench.py"])):
         print(f"gpu_check: {title} ...", flush=True)
         parts.append((title, "python " + " ".join(args), *run(args)))
     with tempfile.TemporaryDirectory(dir=ROOT) as tmp:

@@ -38,7 +38,7 @@ def fake_run(args, timeout=3600):
             for tok_s, peak in ((1.0, 3.0), (rate, 4.0)):
                 f.write(json.dumps(dict(type="train", tokens_per_s=tok_s, peak_mem_gb=peak)) + "\n")
         return "ok", 2.0, "trained"
-    return ("FAILED (exit 1)" if args[0] == "optim.py" else "ok"), 3.0, f"output of {args}"
+    return ("FAILED (exit 1)" if args[0] == "benchmarks/optim_bench.py" else "ok"), 3.0, f"output of {args}"
 
 
 def test_report_names_the_device_and_puts_7b_peak_next_to_the_plan(monkeypatch, tmp_path):
@@ -49,7 +49,7 @@ def test_report_names_the_device_and_puts_7b_peak_next_to_the_plan(monkeypatch, 
     assert gpu_check.main() == 1  # the optimizer bench "failed"
     report = open(tmp_path / "gpu_check-nvidia-h100-80gb-hbm3.md").read()
     assert report.startswith("# GPU check on NVIDIA H100 80GB HBM3")
-    assert "| optimizer bench | `python optim.py --bench` | FAILED (exit 1) | 3 s |" in report
+    assert "| optimizer bench | `python benchmarks/optim_bench.py` | FAILED (exit 1) | 3 s |" in report
     assert "| 60m full | 1,000 | 4.00 |" in report and "| 350m sltrain | 800 | 4.00 |" in report
     assert "60m: sltrain runs at 0.80x full's tokens/s." in report
     assert "| measured peak (torch.cuda.max_memory_allocated, first 5 steps) | 4.00 |" in report
