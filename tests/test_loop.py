@@ -144,6 +144,10 @@ def test_batches_are_windows_of_the_stream_shifted_by_one(data_dir):
             start = int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(data.tokens, 32)
                                        .__eq__(row_x.numpy()).all(1))[0])
             assert torch.equal(row_y, stream[start + 1:start + 33])
+    # a pure function of (seed, step, micro-step), different for each: resume re-draws, training never repeats
+    draw = lambda step, micro, seed: data.random_batch(step, micro, 4, 32, seed=seed, device="cpu")[0]  # noqa: E731
+    assert torch.equal(draw(3, 1, 5), draw(3, 1, 5))
+    assert not any(torch.equal(draw(3, 1, 5), other) for other in (draw(4, 1, 5), draw(3, 0, 5), draw(3, 1, 6)))
     val = TokenData(data_dir, "val", meta)
     vstream = torch.from_numpy(np.asarray(val.tokens).astype(np.int64))
     for i, (x, y) in enumerate(val.eval_batches(4 * 32, 4, 32, "cpu")):
