@@ -304,8 +304,8 @@ if triton is not None:
     def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
                           m_values_ptr, m_lut_count_ptr, m_lut_threshold_ptr,
                           v_values_ptr, v_lut_count_ptr, v_lut_threshold_ptr,
-                          n, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bias2_sqrt, step_size,
-                          QBLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+                          seed_ptr, n, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bias2_sqrt, step_size,
+                          QBLOCK: tl.constexpr, BLOCKS: tl.constexpr, STOCHASTIC: tl.constexpr):
         """Program i updates quantization blocks i*BLOCKS .. (i+1)*BLOCKS - 1, a (BLOCKS, QBLOCK) tile."""
         rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) block indices
         offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # (BLOCKS, QBLOCK)
@@ -323,6 +323,9 @@ if triton is not None:
         v = v * beta2 + one_minus_beta2 * g * g
         denom = tl.sqrt(v) / bias2_sqrt + eps
         p = p + (-step_size * m) / denom
+        if STOCHASTIC:  # a bf16 weight: stochastic_round_ (16 random bits under the kept 16, then drop them)
+            noise = (tl.randint(tl.load(seed_ptr), offs) & 0xFFFF).to(tl.int32)
+            p = ((p.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
         # requantize; padding lanes are 0 so they do not touch the absmax
         m_codes, m_absmax = _quantize_tile(tl.where(mask, m, 0.0), m_lut_count_ptr, m_lut_threshold_ptr)
@@ -339,11 +342,13 @@ def adamw8bit_triton_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight
     if n == 0:
         return
     grid = (triton.cdiv(n, BLOCK * blocks),)
+    # the rounding noise's seed, drawn on the device from torch's RNG (checkpointed; no host sync)
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=p.device)
     _adamw8bit_kernel[grid](p, g.contiguous(), state["m_codes"], state["m_absmax"], state["v_codes"], state["v_absmax"],
                             book_m.values, book_m.lut_count, book_m.lut_threshold,
                             book_v.values_floored, book_v.lut_count, book_v.lut_threshold,
-                            n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, (1 - beta2**step) ** 0.5,
-                            lr / (1 - beta1**step), QBLOCK=BLOCK, BLOCKS=blocks)
+                            seed, n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, (1 - beta2**step) ** 0.5,
+                            lr / (1 - beta1**step), QBLOCK=BLOCK, BLOCKS=blocks, STOCHASTIC=p.dtype == torch.bfloat16)
 
 
 # -----------------------------------------------------------------------------
