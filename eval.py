@@ -6,7 +6,8 @@ Evaluate a run's checkpoint without training: validation loss and perplexity.
 
 The model comes from sample.load_model (any method, single-file or sharded checkpoint); the
 windows and the loss are train.py's own (train.evaluate on data.loader's fixed val windows), so
-the figure equals the eval record the run logged at that step with the same --eval-tokens.
+the figure equals the eval record the run logged at that step with the same --eval-tokens and
+device (on a CPU it evaluates in fp32, where a GPU run logged bf16 compute).
 """
 import argparse
 import sys

@@ -24,7 +24,10 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-import kernels  # noqa: F401  gives SLLinear its Triton route on CUDA (sltrain.route decides when it runs)
+try:
+    import kernels  # noqa: F401  gives SLLinear its Triton route on CUDA (sltrain.route decides when it runs)
+except ImportError:  # no triton: every layer takes the dense PyTorch route
+    pass
 import parallel
 from data.loader import load_data
 from model import CONFIGS, LLaMA, count_params
@@ -50,7 +53,8 @@ RESUME_HELP = """
 the batches (--batch-size --grad-accum, the number of ranks), the optimizer state (--optimizer --per-layer
 --dist) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup --grad-clip (a note
 says the schedule changes), --log-every --eval-every --eval-tokens --stop-at-step --activation-checkpointing
---compile --device, and the --data path (the same meta.json elsewhere is the same data).
+--compile, the --data path (the same meta.json elsewhere is the same data) and --device (another kind of device
+continues the run, but not bit for bit: its kernels and random streams differ).
 """
 # RESUME_HELP's flags: MODEL_KEYS and RUN_KEYS must match a checkpoint's; SCHEDULE_KEYS may change
 MODEL_KEYS = ("model", "method", "rank", "delta", "alpha", "vocab_size", "seq_len", "seed")
@@ -245,7 +249,7 @@ def save_checkpoint(args, rank, model, optimizer, step, meta):
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                  config=vars(args), data_meta=meta,  # the step and config fix the data position and the model
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+                          cuda=torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None))
     if args.dist == "fsdp":
         return parallel.save_sharded(args.out_dir, state, step)
     if rank == 0:
@@ -302,8 +306,8 @@ def load_checkpoint(args, model, optimizer, meta):
     torch.set_rng_state(state["rng"]["torch"].cpu())  # RNG states live on the CPU whatever map_location said
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    if state["rng"]["cuda"] is not None and args.device.startswith("cuda"):  # this rank's GPU: DDP replicas draw
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), args.device)  # alike, rank 0's stands for all
     return state["step"]
 
 
