@@ -37,9 +37,11 @@ def test_a_few_steps_lower_the_loss(data_dir, tmp_path, method):
     assert evals and evals[-1]["step"] == 25 and evals[-1]["val_loss"] < first - 1.0
 
 
-def test_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    # bitwise needs deterministic kernels: the CPU's (a GPU's atomics reorder float sums)
-    flags = ["--max-steps", "8", "--eval-every", "4", "--device", "cpu"]
+@pytest.mark.parametrize("extra", [[], ["--param-dtype", "bfloat16"]], ids=["fp32", "bf16-stochastic-rounding"])
+def test_resume_equals_uninterrupted_run(data_dir, tmp_path, monkeypatch, extra):
+    # bitwise needs deterministic kernels: the CPU's (a GPU's atomics reorder float sums); bf16 weights
+    # round with torch's RNG, which the checkpoint must carry
+    flags = ["--max-steps", "8", "--eval-every", "4", "--device", "cpu", *extra]
     full = losses(run(data_dir, tmp_path / "a", *flags))
 
     # simulate a crash while step 7 is being trained: steps 5 and 6 are logged, the checkpoint is step 4's
