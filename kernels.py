@@ -347,7 +347,7 @@ def launches():
     for p in ("bf16", "fp32"):  # codes and lookup counts are uint8; tables, absmax and scalars fp32
         types = {a: ("*u8" if "codes" in a or "count" in a else "*fp32") if a.endswith("_ptr") else "fp32"
                  for a in optim._adamw8bit_kernel.arg_names}
-        types.update(p_ptr="*" + p, g_ptr="*" + p, seed_ptr="*i32", n="i32")
+        types.update(p_ptr="*" + p, g_ptr="*" + p, seed_ptr="*i32", skip_ptr="*i32", n="i32")
         yield ("_adamw8bit_kernel", p, optim._adamw8bit_kernel, types,
                dict(QBLOCK=optim.BLOCK, BLOCKS=blocks, STOCHASTIC=p == "bf16"),  # bf16 weights round stochastically
                4)  # the launcher passes no num_warps: Triton's default

@@ -33,7 +33,11 @@ The random bits come from torch's global RNG, which checkpoints save, so resume 
 
 Non-finite gradients: a tensor whose gradient holds a NaN or Inf is skipped whole: its
 parameter, moments and step count stay as they were and state["skipped"] counts it (summed in
-`optimizer.skipped`). On CUDA that check is one host sync per tensor per step.
+`optimizer.skipped`). The decision is a flag on the device, never read by the host per tensor:
+the update runs and every write keeps the old value where the flag is set (torch.where, or masked
+stores in the kernel). Under FSDP2 a tensor's flag is the OR over its shards on every rank (one
+all-reduce), so all ranks skip the same tensors. The step and skip counts are booked once per
+step for all tensors (`settle`: one host sync), by step() or by PerLayerOptimizer.step().
 
 Per-layer updates: PerLayerOptimizer steps each parameter from its own post-accumulate-grad
 hook and frees its gradient at once, so no full gradient buffer ever exists. See its docstring.
@@ -149,13 +153,26 @@ def adamw_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))  # p -= lr m_hat / (sqrt(v_hat) + eps)
 
 
-def stochastic_round_(dst, src):
-    """dst (bf16) = src (fp32) rounded to one of its two bf16 neighbours, the upper one with probability
-    (src - lower) / (upper - lower): unbiased, E[dst] = src, so updates far below half a bf16 ulp still
-    move the weight on average. A bf16 is the top 16 bits of an fp32: add 16 random bits below them
-    (a carry rounds the magnitude up), then drop those bits; the bf16 cast of the result is exact."""
+def stochastic_round(src):
+    """src (fp32) rounded to one of its two bf16 neighbours (returned as fp32), the upper one with
+    probability (src - lower) / (upper - lower): unbiased, E[result] = src, so updates far below half a
+    bf16 ulp still move the weight on average. A bf16 is the top 16 bits of an fp32: add 16 random bits
+    below them (a carry rounds the magnitude up), then drop those bits; a bf16 cast of it is exact."""
     noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device)
-    dst.copy_(noise.add_(src.view(torch.int32)).bitwise_and_(-65536).view(torch.float32))
+    return noise.add_(src.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)
+
+
+def settle(optimizers):
+    """Book the last step's skips of these AdamW8bit optimizers with one host sync for all their
+    tensors: a skipped tensor's step count goes back (its update was discarded), its skip count up."""
+    pending = [item for opt in optimizers for item in getattr(opt, "_pending", ())]
+    if pending:
+        for (state, _), bad in zip(pending, torch.stack([flag for _, flag in pending]).tolist()):
+            state["step"] -= bad
+            state["skipped"] += bad
+    for opt in optimizers:
+        if hasattr(opt, "_pending"):
+            opt._pending.clear()
 
 
 def _local(t):
@@ -196,6 +213,8 @@ class AdamW8bit(torch.optim.Optimizer):
                         fp32_state=fp32_state, min_8bit_size=min_8bit_size)
         super().__init__(params, defaults)
         self.use_triton = use_triton
+        self._pending = []  # (state, device flag) of this step's tensors, until settle()
+        self.settle_in_step = True  # PerLayerOptimizer settles all its optimizers at once instead
 
     def book(self, device, signed):
         key = (str(device), signed)
@@ -214,13 +233,21 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(_local(p), _local(p.grad), self.state[p], group)
+        todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        bad = [(~_local(p.grad).isfinite().all()).float() for p, _ in todo]  # device flags, no sync
+        meshes = {id(p.grad.device_mesh): p.grad.device_mesh for p, _ in todo if hasattr(p.grad, "device_mesh")}
+        if meshes:  # FSDP2 shards: a NaN on any rank skips the tensor on every rank (one collective)
+            assert len(meshes) == 1, "AdamW8bit expects every sharded parameter on one device mesh"
+            flags = torch.stack(bad)
+            torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=next(iter(meshes.values())).get_group())
+            bad = flags.unbind()
+        for (p, group), flag in zip(todo, bad):
+            self._step_param(_local(p), _local(p.grad), self.state[p], group, flag.bool())
+        if self.settle_in_step:
+            settle([self])
         return loss
 
-    def _step_param(self, p, g, state, group):
+    def _step_param(self, p, g, state, group, bad):
         if not state:  # lazy init; a 0-element FSDP2 shard gets 0-element state
             state["step"], state["skipped"] = 0, 0
             if group["fp32_state"] or p.numel() < group["min_8bit_size"]:
@@ -231,46 +258,51 @@ class AdamW8bit(torch.optim.Optimizer):
                     zero = self.book(p.device, signed).zero
                     state[f"{name}_codes"] = torch.full((p.numel(),), zero, dtype=torch.uint8, device=p.device)
                     state[f"{name}_absmax"] = torch.zeros(-(-p.numel() // BLOCK), device=p.device)
-        if g.numel() and not all(x.isfinite() for x in g.aminmax()):  # min, max: NaN propagates
-            state["skipped"] += 1
-            return
-        state["step"] += 1
+        state["step"] += 1  # taken back by settle() if `bad`
+        self._pending.append((state, bad))
         beta1, beta2 = group["betas"]
         hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"])
         if "exp_avg" not in state and (self.use_triton or (self.use_triton is None and p.is_cuda and triton is not None)):
-            adamw8bit_triton_(p, g, state, self.book(p.device, True), self.book(p.device, False), *hyper)
+            adamw8bit_triton_(p, g, state, self.book(p.device, True), self.book(p.device, False), *hyper, skip=bad)
         else:
-            self._step_torch(p, g, state, hyper)
+            self._step_torch(p, g, state, hyper, bad)
 
-    def _step_torch(self, p, g, state, hyper):
+    def _step_torch(self, p, g, state, hyper, bad):
         """The update in PyTorch, one L2-sized slice at a time (no full-size fp32 temporaries): fp32
-        state is torch AdamW's math on the slice; 8-bit state is dequantized, updated, requantized."""
+        state is torch AdamW's math on the slice; 8-bit state is dequantized, updated, requantized.
+        Every write is torch.where(bad, old, new): a skipped tensor keeps its values, no host sync."""
         book_m, book_v = self.book(p.device, True), self.book(p.device, False)
         p, g = p.view(-1), g.reshape(-1)
         chunk = CHUNK_CUDA if p.is_cuda else CHUNK
+        keep = lambda old, new: old.copy_(torch.where(bad, old, new))  # noqa: E731
         for start in range(0, p.numel(), chunk):
             end = min(start + chunk, p.numel())
             blocks = slice(start // BLOCK, -(-end // BLOCK))
-            if "exp_avg" in state:  # views: updated in place
-                m, v = state["exp_avg"].view(-1)[start:end], state["exp_avg_sq"].view(-1)[start:end]
+            if "exp_avg" in state:
+                m, v = state["exp_avg"].view(-1)[start:end].clone(), state["exp_avg_sq"].view(-1)[start:end].clone()
             else:
                 m = book_m.dequantize(state["m_codes"][start:end], state["m_absmax"][blocks])
                 v = book_v.dequantize(state["v_codes"][start:end], state["v_absmax"][blocks], floored=True)
             p32 = self.load_param(p, state, start, end)
             adamw_update_(p32, g[start:end].float(), m, v, *hyper)
-            self.store_param(p, p32, state, start, end)
-            if "exp_avg" not in state:
-                book_m.quantize_(m, state["m_codes"][start:end], state["m_absmax"][blocks])
-                book_v.quantize_(v, state["v_codes"][start:end], state["v_absmax"][blocks])
+            self.store_param(p, p32, state, start, end, bad)
+            if "exp_avg" in state:
+                keep(state["exp_avg"].view(-1)[start:end], m), keep(state["exp_avg_sq"].view(-1)[start:end], v)
+                continue
+            for x, book, name in ((m, book_m, "m"), (v, book_v, "v")):
+                codes, absmax = torch.empty_like(state[f"{name}_codes"][start:end]), torch.empty_like(state[f"{name}_absmax"][blocks])
+                book.quantize_(x, codes, absmax)
+                keep(state[f"{name}_codes"][start:end], codes), keep(state[f"{name}_absmax"][blocks], absmax)
 
     def load_param(self, p, state, start, end):
-        """The fp32 values the update starts from: a view of an fp32 parameter (updated in place)."""
-        return p[start:end].float()
+        """The fp32 values the update starts from (a copy: the parameter changes only in store_param)."""
+        return p[start:end].to(torch.float32, copy=True)
 
-    def store_param(self, p, p32, state, start, end):
-        """Write the updated fp32 values back: nothing to do for fp32; stochastic rounding for bf16."""
-        if p.dtype != torch.float32:
-            stochastic_round_(p[start:end], p32)
+    def store_param(self, p, p32, state, start, end, bad):
+        """Write the updated values back, unless `bad`: as they are for fp32, stochastically rounded
+        for bf16."""
+        old = p[start:end]
+        old.copy_(torch.where(bad, old.float(), p32 if p.dtype == torch.float32 else stochastic_round(p32)))
 
     def load_state_dict(self, state_dict):
         # torch would cast floating state to the parameter's dtype (right for its AdamW); here the
@@ -306,12 +338,13 @@ if triton is not None:
     def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
                           m_values_ptr, m_lut_count_ptr, m_lut_threshold_ptr,
                           v_values_ptr, v_lut_count_ptr, v_lut_threshold_ptr,
-                          seed_ptr, n, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bias2_sqrt, step_size,
+                          seed_ptr, skip_ptr, n, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bias2_sqrt, step_size,
                           QBLOCK: tl.constexpr, BLOCKS: tl.constexpr, STOCHASTIC: tl.constexpr):
         """Program i updates quantization blocks i*BLOCKS .. (i+1)*BLOCKS - 1, a (BLOCKS, QBLOCK) tile."""
         rows = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)  # (BLOCKS,) block indices
         offs = rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # (BLOCKS, QBLOCK)
-        mask, row_mask = offs < n, rows * QBLOCK < n
+        keep = tl.load(skip_ptr + 0 * rows) == 0  # (BLOCKS,): a non-finite gradient in this tensor: write nothing
+        mask, row_mask = (offs < n) & keep[:, None], (rows * QBLOCK < n) & keep
         # load and dequantize; bf16 is converted to fp32 before any arithmetic
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -325,7 +358,7 @@ if triton is not None:
         v = v * beta2 + one_minus_beta2 * g * g
         denom = tl.sqrt(v) / bias2_sqrt + eps
         p = p + (-step_size * m) / denom
-        if STOCHASTIC:  # a bf16 weight: stochastic_round_ (16 random bits under the kept 16, then drop them)
+        if STOCHASTIC:  # a bf16 weight: stochastic_round (16 random bits under the kept 16, then drop them)
             noise = (tl.randint(tl.load(seed_ptr), offs) & 0xFFFF).to(tl.int32)
             p = ((p.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
@@ -338,8 +371,9 @@ if triton is not None:
         tl.store(v_absmax_ptr + rows, v_absmax, mask=row_mask)
 
 
-def adamw8bit_triton_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight_decay, step, blocks=4):
-    """The fused kernel over one tensor; same arguments as AdamW8bit's PyTorch path."""
+def adamw8bit_triton_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight_decay, step, blocks=4, skip=None):
+    """The fused kernel over one tensor; same arguments as AdamW8bit's PyTorch path. skip: a 0-dim
+    device flag; when set, the kernel writes nothing."""
     n = p.numel()
     if n == 0:
         return
@@ -349,7 +383,8 @@ def adamw8bit_triton_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight
     _adamw8bit_kernel[grid](p, g.contiguous(), state["m_codes"], state["m_absmax"], state["v_codes"], state["v_absmax"],
                             book_m.values, book_m.lut_count, book_m.lut_threshold,
                             book_v.values_floored, book_v.lut_count, book_v.lut_threshold,
-                            seed, n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, (1 - beta2**step) ** 0.5,
+                            seed, torch.zeros((), dtype=torch.int32, device=p.device) if skip is None else skip.int(),
+                            n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, (1 - beta2**step) ** 0.5,
                             lr / (1 - beta1**step), QBLOCK=BLOCK, BLOCKS=blocks, STOCHASTIC=p.dtype == torch.bfloat16)
 
 
@@ -388,6 +423,8 @@ class PerLayerOptimizer:
             raise RuntimeError("per-layer updates do not work under DDP: the hooks fire before the gradient all-reduce, "
                                "so each rank would step on its own gradient. Use FSDP2 (fully_shard) or a global optimizer.")
         self.optimizers = {name: make_optimizer([p]) for name, p in self.params.items()}
+        for opt in self.optimizers.values():  # AdamW8bit's skip counts: booked once per step, in step()
+            opt.settle_in_step = False
         self.grad_accum_steps = grad_accum_steps
         self._of = {p: self.optimizers[name] for name, p in self.params.items()}
         self._backwards = {p: 0 for p in self._of}  # backward passes accumulated since p's last step
@@ -420,6 +457,7 @@ class PerLayerOptimizer:
         if self._stepped == 0:
             raise RuntimeError("no parameter was updated since the last step(): no backward ran, or remove() was called")
         self._stepped = 0
+        settle(list(self.optimizers.values()))
 
     @property
     def skipped(self):

@@ -7,7 +7,7 @@ Trains the tiny model (AdamW, lr 1e-3, 200 steps of 16 x 64 tokens: 4 x 4 micro-
 with bf16 weights under four write-backs, and reports the final val loss, how far the RMSNorm gains
 moved off 1.0, and the extra bytes per parameter each costs:
   nearest     round to the nearest bf16 (what torch's AdamW does on bf16 weights): 0 B
-  stochastic  round up or down with probability by distance (optim.stochastic_round_): 0 B
+  stochastic  round up or down with probability by distance (optim.stochastic_round): 0 B
   kahan       a bf16 compensation buffer carries what rounding dropped into the next step: 2 B
   master      an fp32 master copy takes the update; the bf16 weight is its rounding: 4 B
 optim.py's AdamW8bit uses `stochastic`; the others are defined here, by overriding its two hooks.
@@ -28,7 +28,8 @@ FLAGS = ["--model", "tiny", "--lr", "1e-3", "--max-steps", "200", "--batch-size"
          "--eval-tokens", "8192", "--log-every", "200", "--eval-every", "200", "--seed", "0"]
 
 
-def nearest(opt, p, p32, state, start, end):
+# (these variants ignore `bad`, the skip flag for a non-finite gradient: the runs here have none)
+def nearest(opt, p, p32, state, start, end, bad):
     p[start:end].copy_(p32)
 
 
@@ -38,18 +39,18 @@ def kahan_load(opt, p, state, start, end):
     return p[start:end].float() + state["kahan"][start:end].float()
 
 
-def kahan_store(opt, p, p32, state, start, end):
+def kahan_store(opt, p, p32, state, start, end, bad):
     p[start:end].copy_(p32)
     state["kahan"][start:end].copy_(p32 - p[start:end].float())
 
 
 def master_load(opt, p, state, start, end):
     if "master" not in state:
-        state["master"] = p.float()  # fp32 copy, updated in place
-    return state["master"][start:end]
+        state["master"] = p.float()  # fp32 copy
+    return state["master"][start:end]  # a view: the update lands in the master copy
 
 
-def master_store(opt, p, p32, state, start, end):
+def master_store(opt, p, p32, state, start, end, bad):
     p[start:end].copy_(p32)
 
 

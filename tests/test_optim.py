@@ -270,16 +270,20 @@ def test_state_is_under_2_04_bytes_per_param():
     assert bytes_per_param == pytest.approx(2 + 2 * 4 / 256) and bytes_per_param <= 2.04
 
 
-def test_nonfinite_gradient_skips_that_tensor_and_counts_it():
+@pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
+    triton is None, reason="triton is not installed"))], ids=["pytorch", "triton"])
+def test_nonfinite_gradient_skips_that_tensor_and_counts_it(use_triton, device):
+    """The skip is a device flag folded into every write (no host sync per tensor), on both paths (the
+    fused kernel runs through the interpreter on a CPU)."""
     torch.manual_seed(0)
-    big, other, small = (torch.nn.Parameter(torch.randn(n)) for n in (5000, 5000, 100))
-    opt = AdamW8bit([big, other, small], lr=1e-2)
+    big, other, small = (torch.nn.Parameter(torch.randn(n, device=device)) for n in (5000, 5000, 100))
+    opt = AdamW8bit([big, other, small], lr=1e-2, use_triton=use_triton)
     for p in (big, other, small):
         p.grad = torch.randn_like(p)
     opt.step()
     before = {p: (p.detach().clone(), {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()})
               for p in (big, small)}
-    big.grad, other.grad, small.grad = torch.randn(5000), torch.randn(5000), torch.randn(100)
+    big.grad, other.grad, small.grad = (torch.randn(n, device=device) for n in (5000, 5000, 100))
     big.grad[123], small.grad[7] = math.nan, -math.inf
     other_before = other.detach().clone()
     opt.step()
@@ -291,7 +295,7 @@ def test_nonfinite_gradient_skips_that_tensor_and_counts_it():
         for k, v in state.items():
             if k != "skipped":
                 assert torch.equal(v, opt.state[p][k]) if torch.is_tensor(v) else v == opt.state[p][k]
-    big.grad, small.grad = torch.randn(5000), torch.randn(100)
+    big.grad, small.grad = torch.randn(5000, device=device), torch.randn(100, device=device)
     opt.step()  # and they carry on from where they were
     assert opt.state[big]["step"] == 2 and torch.isfinite(big).all() and torch.isfinite(small).all()
 
@@ -360,8 +364,8 @@ def test_triton_update_matches_pytorch_path(dtype):
     ref = AdamW8bit([a], lr=1e-2, weight_decay=0.1, min_8bit_size=0, use_triton=False)
     fused = AdamW8bit([b], lr=1e-2, weight_decay=0.1, min_8bit_size=0, use_triton=True)
     exact = {}  # the PyTorch path's fp32 result, before it is written back
-    ref.store_param = lambda p, p32, state, start, end: exact.update(p32=p32.clone()) or AdamW8bit.store_param(
-        ref, p, p32, state, start, end)
+    ref.store_param = lambda p, p32, state, start, end, bad: exact.update(p32=p32.clone()) or AdamW8bit.store_param(
+        ref, p, p32, state, start, end, bad)
     for step in range(3):
         grad = torch.randn(n, device=device, dtype=dtype)
         with torch.no_grad():
