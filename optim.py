@@ -235,12 +235,15 @@ class AdamW8bit(torch.optim.Optimizer):
                 loss = closure()
         todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         bad = [(~_local(p.grad).isfinite().all()).float() for p, _ in todo]  # device flags, no sync
-        meshes = {id(p.grad.device_mesh): p.grad.device_mesh for p, _ in todo if hasattr(p.grad, "device_mesh")}
-        if meshes:  # FSDP2 shards: a NaN on any rank skips the tensor on every rank (one collective)
-            assert len(meshes) == 1, "AdamW8bit expects every sharded parameter on one device mesh"
-            flags = torch.stack(bad)
-            torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=next(iter(meshes.values())).get_group())
-            bad = flags.unbind()
+        groups = {}  # FSDP2 shards: a NaN on any rank skips the tensor on every rank (a collective per mesh)
+        for i, (p, _) in enumerate(todo):
+            if hasattr(p.grad, "device_mesh"):
+                groups.setdefault(p.grad.device_mesh.get_group(), []).append(i)
+        for group, index in groups.items():
+            flags = torch.stack([bad[i] for i in index])
+            torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=group)
+            for i, flag in zip(index, flags.unbind()):
+                bad[i] = flag
         for (p, group), flag in zip(todo, bad):
             self._step_param(_local(p), _local(p.grad), self.state[p], group, flag.bool())
         if self.settle_in_step:

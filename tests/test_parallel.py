@@ -149,3 +149,37 @@ def test_fsdp_bf16_compute_is_the_one_process_model(data_dir, single_bf16, tmp_p
     assert abs(train_dist[1] - train_ref[1]) < 1e-5, (train_dist[1], train_ref[1])
     assert_close(train_dist, train_ref, tol=2e-3)
     assert_close(val_dist, val_ref, tol=2e-3)
+
+
+NAN = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "2048", "--log-every", "1", "--max-steps", "5",
+       "--eval-every", "5", "--grad-accum", "1", "--device", "cpu", "--optimizer", "adamw8bit"]
+
+
+def skips(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return {r["step"]: r["skipped_updates"] for r in map(json.loads, f) if r["type"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def single_nan(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single-nan")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "inject_nan.py"), *NAN, "--batch-size", "4",
+                        "--data", data_dir, "--out-dir", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "NAN_STEP": "3", "NAN_ROW": "2"}, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("per_layer", [[], ["--per-layer"]], ids=["global", "per-layer"])
+def test_a_nan_on_one_rank_is_skipped_by_every_rank(data_dir, single_nan, tmp_path, per_layer):
+    """A NaN in the gradient of rank 1's first sequence at step 3 lands in some shards of a tensor and
+    not in others. Every rank must skip the same tensors as one process does with the whole tensor:
+    the same skipped count in the log, and the same losses after (fp32: 1e-4, as above)."""
+    r = torchrun(*NAN, "--batch-size", "2", "--data", data_dir, "--out-dir", str(tmp_path), "--dist", "fsdp",
+                 *per_layer, script="tests/inject_nan.py", NAN_STEP="3", NAN_ROW="2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = skips(single_nan)
+    assert reference[2] == 0 < reference[3] == reference[5]  # the NaN reached some tensors at step 3, only then
+    assert skips(tmp_path) == reference
+    assert_close(losses(tmp_path)[0], losses(single_nan)[0])
+    assert_close(losses(tmp_path)[1], losses(single_nan)[1])
