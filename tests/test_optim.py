@@ -548,9 +548,12 @@ def train_tiny(kind, tokens, steps=60, batch=8, seq=32, lr=3e-3):
 
 
 def test_tiny_model_val_loss_adamw_vs_adamw8bit():
+    """300 steps of the tiny model: 8-bit AdamW (per-layer, itself bitwise the global step, tested above)
+    against torch's fp32 AdamW. The published result (Dettmers et al., 8-bit optimizers via block-wise
+    quantization, 2022) is equal perplexity to the reported digit (1.5B LM: 9.0 vs 9.0), i.e. within
+    ~0.6% of perplexity, ~0.006 nats; we allow 0.01 nats for one short run (measured: 0.0016)."""
     tokens = markov_tokens(30_000)
-    losses = {kind: train_tiny(kind, tokens) for kind in ("adamw", "adamw8bit", "adamw8bit per-layer")}
-    print("tiny model val loss after 60 steps: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-    assert losses["adamw"] < 2.5  # it learned: uniform is ln 257 = 5.55, the stream's entropy ln 4 = 1.39
-    assert abs(losses["adamw8bit"] - losses["adamw"]) < 0.02  # measured 0.0005
-    assert losses["adamw8bit per-layer"] == losses["adamw8bit"]  # the same per-tensor math, bit for bit
+    losses = {kind: train_tiny(kind, tokens, steps=300) for kind in ("adamw", "adamw8bit per-layer")}
+    print("tiny model val loss after 300 steps: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    assert losses["adamw"] < 1.8  # it learned: uniform is ln 257 = 5.55, the stream's entropy ln 4 = 1.39
+    assert abs(losses["adamw8bit per-layer"] - losses["adamw"]) < 0.01
