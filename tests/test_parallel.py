@@ -183,3 +183,15 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(data_dir, single_nan, tmp_pa
     assert skips(tmp_path) == reference
     assert_close(losses(tmp_path)[0], losses(single_nan)[0])
     assert_close(losses(tmp_path)[1], losses(single_nan)[1])
+
+
+def test_ddp_replicas_round_bf16_weights_alike(data_dir, tmp_path):
+    """bf16 weights round stochastically from torch's RNG, seeded alike on every rank: DDP replicas draw
+    the same bits and stay bitwise identical (DDP never re-syncs weights). Replicas drawing other bits
+    would differ in about half of their elements after a few steps."""
+    flags = [*COMMON, "--param-dtype", "bfloat16", "--lr", "1e-3", "--data", data_dir, "--batch-size", "2"]
+    r = torchrun(*flags, "--out-dir", str(tmp_path), "--dist", "ddp", script="tests/save_replica.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"replica{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert a.keys() == b.keys() and any(v.dtype == torch.bfloat16 for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
