@@ -41,6 +41,21 @@ def default_dist(world, model):
     return "none" if world == 1 else ("fsdp" if model in ("1b", "7b") else "ddp")
 
 
+def split_batch(p, args, batch, world):
+    """(--batch-size, --grad-accum) with world x batch-size x grad-accum = the recipe's global batch,
+    exactly: what was not given is filled in (micro-batches up to 64), or the run is refused."""
+    size, accum = args.batch_size, args.grad_accum
+    given = size or accum or max((d for d in range(1, 65) if batch % (world * d) == 0), default=None)
+    if not (size and accum) and (given is None or batch % (world * given)):
+        a = accum or -(-batch // (world * (size or 64)))
+        s = size or -(-batch // (world * a))
+        p.error(f"{f'--batch-size {size}: ' if size else f'--grad-accum {accum}: ' if accum else ''}the {args.model} "
+                f"recipe's {batch} sequences per step do not split into {world} rank(s) x --batch-size x --grad-accum:"
+                f" pass both, e.g. --batch-size {s} --grad-accum {a} ({world * s * a} sequences per step)")
+    return (size, accum) if size and accum else (batch // (world * given), given) if accum else \
+        (given, batch // (world * given))
+
+
 def setup(args):
     """Join the torchrun process group (if any) and pick this rank's device. Returns (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

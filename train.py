@@ -123,7 +123,7 @@ def get_args(argv=None):
     args.alpha = cfg.alpha if args.alpha is None else args.alpha
     args.max_steps = args.max_steps or recipe["steps"]
     args.warmup = max(1, args.max_steps // 10) if args.warmup is None else args.warmup
-    args.batch_size, args.grad_accum = split_batch(p, args, recipe["batch"], world)
+    args.batch_size, args.grad_accum = parallel.split_batch(p, args, recipe["batch"], world)
     args.eval_every = args.eval_every or max(1, args.max_steps // 10)
     args.eval_tokens = args.eval_tokens or recipe["eval_tokens"]
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") or args.dry_run else "float32")
@@ -152,21 +152,6 @@ def get_args(argv=None):
         if not ok:
             p.error(f"{flag}: {rule}")
     return args
-
-
-def split_batch(p, args, batch, world):
-    """(--batch-size, --grad-accum) with world x batch-size x grad-accum = the recipe's global batch,
-    exactly: what was not given is filled in (micro-batches up to 64), or the run is refused."""
-    size, accum = args.batch_size, args.grad_accum
-    given = size or accum or max((d for d in range(1, 65) if batch % (world * d) == 0), default=None)
-    if not (size and accum) and (given is None or batch % (world * given)):
-        a = accum or -(-batch // (world * (size or 64)))
-        s = size or -(-batch // (world * a))
-        p.error(f"{f'--batch-size {size}: ' if size else f'--grad-accum {accum}: ' if accum else ''}the {args.model} "
-                f"recipe's {batch} sequences per step do not split into {world} rank(s) x --batch-size x --grad-accum:"
-                f" pass both, e.g. --batch-size {s} --grad-accum {a} ({world * s * a} sequences per step)")
-    return (size, accum) if size and accum else (batch // (world * given), given) if accum else \
-        (given, batch // (world * given))
 
 
 # -----------------------------------------------------------------------------
