@@ -1,0 +1,192 @@
+"""
+Does sparse plus low-rank close the gap? full / lowrank / sltrain on the tiny model, offline data, CPU.
+
+    python benchmarks/study.py                 # the whole study: lr sweep, then 3 seeds at each best lr
+    python benchmarks/study.py --plot          # the table and the PNGs from the committed logs only
+    python benchmarks/study.py --sweep-steps 4 --seed-steps 6 --results /tmp/study   # a smoke test
+
+1. lr sweep: each method at lr in {1e-4, 3e-4, 1e-3, 3e-3, 1e-2} (log-spaced, GaLore's range), seed 0,
+   --sweep-steps steps of the tiny recipe (16 x 256 tokens).
+2. seeds: each method at its best sweep lr (lowest final val loss), seeds 0, 1, 2, --seed-steps steps.
+Every run is a plain `train.py` run in its own out-dir under --runs. A finished run's log.jsonl is
+copied to --results/<name>.jsonl (commit those): a run whose log is there is skipped, and a run cut
+short resumes from its checkpoint, so the study can stop and go on, on another machine too.
+Then it prints the table (mean +- sd over seeds, the fraction of the low-rank -> full-rank gap that
+sltrain closes) and, if matplotlib is installed (only this script needs it), writes three PNGs:
+val loss vs tokens (seed bands), final val loss vs lr, and the paper's Figure-1 view: memory
+(train.py --dry-run's estimate) vs final val loss.
+
+Status: written and smoke-tested (the command above) in the session that wrote it; its lr sweep was
+started there and its finished runs are in benchmarks/results/study/; the rest is to run.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("full", "lowrank", "sltrain")
+LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+SEEDS = (0, 1, 2)
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep-steps", type=int, default=600, help="steps per lr-sweep run (default: 600)")
+    p.add_argument("--seed-steps", type=int, default=2400, help="steps per seed run, ~10M tokens (default: 2400)")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs", "study"), help="out-dirs of the runs")
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "study"),
+                   help="finished runs' log.jsonl, the table and the PNGs (default: benchmarks/results/study)")
+    p.add_argument("--plot", action="store_true", help="only the table and plots, from the logs in --results")
+    args = p.parse_args()
+    for name in ("sweep_steps", "seed_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def name_of(method, lr, seed, steps):
+    return f"{method}-lr{lr:g}-seed{seed}-steps{steps}"
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("}\n")]
+
+
+def final_val(records, steps):
+    evals = [r for r in records if r["type"] == "eval" and r["step"] == steps]
+    return evals[-1]["val_loss"] if evals else None
+
+
+def run(args, method, lr, seed, steps):
+    """One train.py run, skipped when its log is already in --results; returns its records."""
+    name = name_of(method, lr, seed, steps)
+    kept = os.path.join(args.results, name + ".jsonl")
+    if os.path.exists(kept) and final_val(read_log(kept), steps) is not None:
+        return read_log(kept)
+    out = os.path.join(args.runs, name)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--method", method, "--lr", str(lr),
+           "--seed", str(seed), "--max-steps", str(steps), "--log-every", str(max(1, steps // 40)),
+           "--eval-every", str(max(1, steps // 10)), "--out-dir", out]
+    if os.path.exists(os.path.join(out, "ckpt.pt")):
+        cmd.append("--resume")  # a run cut short goes on where its last checkpoint left it
+    elif os.path.exists(out):
+        shutil.rmtree(out)  # started but never checkpointed: start again
+    print(f"study: {name} ...", flush=True)
+    t0 = time.time()
+    result = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        sys.exit(f"error: {name} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
+    records = read_log(os.path.join(out, "log.jsonl"))
+    print(f"study: {name}: final val loss {final_val(records, steps):.4f} ({(time.time() - t0) / 60:.1f} min)", flush=True)
+    os.makedirs(args.results, exist_ok=True)
+    shutil.copyfile(os.path.join(out, "log.jsonl"), kept)
+    return records
+
+
+def memory_gb(method):
+    """The paper's estimate for the tiny model with this method (train.py --dry-run's JSON line)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--method", method,
+                          "--dry-run"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["est_memory_gb"]
+
+
+def collect(args, do_runs):
+    """sweep[method][lr] -> final val loss; seeds[method] -> (best lr, [records per seed])."""
+    get = (lambda m, lr, s, n: run(args, m, lr, s, n)) if do_runs else \
+        (lambda m, lr, s, n: read_log(p) if os.path.exists(p := os.path.join(args.results, name_of(m, lr, s, n) + ".jsonl"))
+         else None)
+    sweep = {m: {} for m in METHODS}
+    for m in METHODS:
+        for lr in LRS:
+            records = get(m, lr, 0, args.sweep_steps)
+            if records and final_val(records, args.sweep_steps) is not None:
+                sweep[m][lr] = final_val(records, args.sweep_steps)
+    seeds = {}
+    for m in METHODS:
+        if len(sweep[m]) < len(LRS):
+            continue  # the sweep is not complete: no best lr yet
+        best = min(sweep[m], key=sweep[m].get)
+        runs = [get(m, best, s, args.seed_steps) for s in SEEDS]
+        seeds[m] = (best, [r for r in runs if r and final_val(r, args.seed_steps) is not None])
+    return sweep, seeds
+
+
+def report(args, sweep, seeds):
+    lines = [f"lr sweep ({args.sweep_steps} steps, seed 0), final val loss:", "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |", "|---|" + "---|" * len(LRS)]
+    for m in METHODS:
+        lines.append(f"| {m} | " + " | ".join(f"{sweep[m][lr]:.4f}" if lr in sweep[m] else "-" for lr in LRS) + " |")
+    finals = {m: [final_val(r, args.seed_steps) for r in runs] for m, (_, runs) in seeds.items()}
+    lines += ["", f"{args.seed_steps} steps ({args.seed_steps * 4096 / 1e6:.1f}M tokens) at each method's best lr, "
+              f"seeds {', '.join(map(str, SEEDS))}:", "", "| method | lr | final val loss per seed | mean +- sd |",
+              "|---|---|---|---|"]
+    for m, vals in finals.items():
+        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        lines.append(f"| {m} | {seeds[m][0]:g} | {', '.join(f'{v:.4f}' for v in vals)} | "
+                     f"{statistics.mean(vals):.4f} +- {sd:.4f} |")
+    if all(len(finals.get(m, [])) == len(SEEDS) for m in METHODS):
+        closed = [(lo - sl) / (lo - fu) for fu, lo, sl in zip(finals["full"], finals["lowrank"], finals["sltrain"])]
+        lines += ["", f"gap closed by sltrain, (lowrank - sltrain) / (lowrank - full), per seed: "
+                  f"{', '.join(f'{c:.2f}' for c in closed)}; mean {statistics.mean(closed):.2f} +- "
+                  f"{statistics.stdev(closed):.2f}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, "table.md"), "w") as f:
+        f.write(text)
+    return finals
+
+
+def plot(args, sweep, seeds, finals):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plots")
+        return
+    colors = dict(full="tab:blue", lowrank="tab:orange", sltrain="tab:green")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, (lr, runs) in seeds.items():
+        curves = [{r["step"]: r["val_loss"] for r in recs if r["type"] == "eval"} for recs in runs]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        mean = [statistics.mean(c[s] for c in curves) for s in steps]
+        lo, hi = ([min(c[s] for c in curves) for s in steps], [max(c[s] for c in curves) for s in steps])
+        tokens = [s * 4096 / 1e6 for s in steps]
+        ax.plot(tokens, mean, color=colors[m], label=f"{m} (lr {lr:g})")
+        ax.fill_between(tokens, lo, hi, color=colors[m], alpha=0.2)
+    ax.set(xlabel="tokens (M)", ylabel="val loss", title=f"tiny, mean and range over {len(SEEDS)} seeds")
+    ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(args.results, "val_loss_vs_tokens.png"), dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in METHODS:
+        lrs = sorted(sweep[m])
+        ax.plot(lrs, [sweep[m][lr] for lr in lrs], "o-", color=colors[m], label=m)
+    ax.set(xscale="log", xlabel="lr", ylabel="final val loss", title=f"lr sweep, {args.sweep_steps} steps, seed 0")
+    ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(args.results, "val_loss_vs_lr.png"), dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, vals in finals.items():
+        gb = memory_gb(m)
+        ax.errorbar([gb * 1e3], [statistics.mean(vals)], yerr=[statistics.stdev(vals) if len(vals) > 1 else 0],
+                    fmt="o", color=colors[m], label=m, capsize=4)
+    ax.set(xlabel="estimated memory (MB, train.py --dry-run)", ylabel="final val loss", title="memory vs loss (Figure 1 view)")
+    ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(args.results, "memory_vs_val_loss.png"), dpi=100)
+    print(f"wrote 3 PNGs to {args.results}")
+
+
+def main():
+    args = get_args()
+    t0 = time.time()
+    sweep, seeds = collect(args, do_runs=not args.plot)
+    finals = report(args, sweep, seeds)
+    plot(args, sweep, seeds, finals)
+    print(f"study: {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
