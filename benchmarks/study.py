@@ -123,7 +123,7 @@ def report(args, sweep, seeds):
              "| method | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " |", "|---|" + "---|" * len(LRS)]
     for m in METHODS:
         lines.append(f"| {m} | " + " | ".join(f"{sweep[m][lr]:.4f}" if lr in sweep[m] else "-" for lr in LRS) + " |")
-    finals = {m: [final_val(r, args.seed_steps) for r in runs] for m, (_, runs) in seeds.items()}
+    finals = {m: [final_val(r, args.seed_steps) for r in runs] for m, (_, runs) in seeds.items() if runs}
     lines += ["", f"{args.seed_steps} steps ({args.seed_steps * 4096 / 1e6:.1f}M tokens) at each method's best lr, "
               f"seeds {', '.join(map(str, SEEDS))}:", "", "| method | lr | final val loss per seed | mean +- sd |",
               "|---|---|---|---|"]
@@ -155,6 +155,8 @@ def plot(args, sweep, seeds, finals):
     colors = dict(full="tab:blue", lowrank="tab:orange", sltrain="tab:green")
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, (lr, runs) in seeds.items():
+        if not runs:
+            continue
         curves = [{r["step"]: r["val_loss"] for r in recs if r["type"] == "eval"} for recs in runs]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         mean = [statistics.mean(c[s] for c in curves) for s in steps]
