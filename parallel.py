@@ -410,8 +410,8 @@ def memory_report(args, model, build):
                                                 ("sltrain + AdamW8bit + per-layer", "sltrain", "adamw8bit", True)):
         states = model_state_bytes(build(method), optimizer, per_layer, args.grad_accum, args.dist, args.gpus, True)
         setups[label] = round(sum(states.values()) / GB, 2)
-    print(f"\nmodel states per GPU (weights, gradients, optimizer state, buffers) of the paper's 7b comparison, "
-          f"with this run's dtype, micro-steps and GPUs:")
+    print("\nmodel states per GPU (weights, gradients, optimizer state, buffers) of the paper's 7b comparison, "
+          "with this run's dtype, micro-steps and GPUs:")
     for label, gb in setups.items():
         print(f"  {label:<36} {gb:8.2f} GB")
     return dict(tokens_per_step=tokens, memory_plan_gb={k: round(v / GB, 3) for k, v in plan.items()},
