@@ -149,7 +149,7 @@ def test_resume_refuses_every_difference_that_breaks_exactness(data_dir, tmp_pat
     run(data_dir, tmp_path / "run", "--batch-size", "16", "--max-steps", "3", "--lr", "1e-3", "--warmup", "0",
         "--eval-every", "3", "--eval-tokens", "1024", "--log-every", "3", "--resume")
     out = capsys.readouterr().out
-    assert "note: --lr is 0.001, the checkpoint's run had 0.003" in out and "note: --max-steps is 3" in out
+    assert "note: --lr is 0.001, the checkpoint's run had 0.01" in out and "note: --max-steps is 3" in out
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 1, 2, 2, 3, 3]  # evals every step, then 3
 
 

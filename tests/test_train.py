@@ -12,7 +12,11 @@ SMALL = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-toke
 
 
 def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
+    return read_log_file(os.path.join(out_dir, "log.jsonl"))
+
+
+def read_log_file(path):
+    with open(path) as f:
         return [json.loads(line) for line in f]
 
 
@@ -79,6 +83,21 @@ def test_memory_estimate_is_the_papers_table(method):
     for size, paper in zip(("60m", "130m", "350m", "1b"), PAPER_MEMORY_GB[method]):
         args = train.get_args(["--model", size, "--method", method])
         assert round(train.estimate(train.build_model(args, 32000))["est_memory_gb"], 2) == paper, size
+
+
+@pytest.mark.parametrize("method", ["full", "lowrank", "sltrain"])
+def test_default_lr_is_the_studys_best_for_tiny_and_the_papers_for_its_sizes(method):
+    # tiny: the lowest final val loss of the committed lr sweep (benchmarks/study.py); paper sizes: SLTrain's 3e-3
+    study = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results", "study")
+    finals = {}
+    for name in os.listdir(study):
+        if name.startswith(f"{method}-lr") and name.endswith("-seed0-steps400.jsonl"):
+            evals = [r for r in read_log_file(os.path.join(study, name)) if r.get("step") == 400 and r["type"] == "eval"]
+            finals[evals[-1]["val_loss"]] = float(name[len(method) + 3:].split("-")[0])
+    assert len(finals) >= 5 and train.get_args(["--method", method]).lr == finals[min(finals)]
+    for size in ("60m", "130m", "350m", "1b", "7b"):
+        assert train.get_args(["--model", size, "--method", method]).lr == 3e-3
+    assert train.get_args(["--method", method, "--lr", "2e-4"]).lr == 2e-4
 
 
 def test_unknown_model_lists_valid_names(capsys):
