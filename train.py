@@ -52,9 +52,9 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", 
 LR_HELP = """
 --lr's default, per size and method (RECIPES). tiny: full 1e-3, lowrank 1e-2, sltrain 1e-2, each method's
 lowest final val loss in the lr sweep of benchmarks/study.py (1e-4 ... 3e-2, 400 steps, seed 0; README,
-Results). 60m to 7b: 3e-3 for every method. It is the lr of SLTrain's public scripts. Neither paper ships
-a full-rank or low-rank lr (GaLore tuned its baselines over {1e-2, 5e-3, 1e-3, 5e-4, 1e-4} and lists no
-winners): full-rank keeps 3e-3, with which a public 60m run reached 30.08 perplexity, below the paper's
+Results). 60m to 7b: 3e-3 for every method. It is the lr of SLTrain's public scripts. They ship no
+full-rank or low-rank lr (GaLore's paper tuned its baselines over {1e-2, 5e-3, 1e-3, 5e-4, 1e-4}):
+full-rank keeps 3e-3, with which a public 60m run reached 30.08 perplexity, below the paper's
 34.06; low-rank takes SLTrain's lr for the same factors without S, untuned.
 """
 RESUME_HELP = """
