@@ -48,9 +48,13 @@ def get_args():
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "study"),
                    help="finished runs' log.jsonl, the table and the PNGs (default: benchmarks/results/study)")
     p.add_argument("--plot", action="store_true", help="only the table and plots, from the logs in --results")
+    p.add_argument("--longer", type=int, default=0, metavar="STEPS", help="then full and sltrain once more, seed 0 "
+                   "at their best lr for STEPS steps: does more data change their order? (default: 0, off)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each on one thread (default: 2, ~12%% more "
                    "tokens/s than one 2-thread run on 2 cores, measured)")
     args = p.parse_args()
+    if args.longer < 0:
+        p.error("--longer must be >= 0 (0 = off)")
     for name in ("sweep_steps", "seed_steps", "jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -111,7 +115,8 @@ def memory_gb(method):
 
 
 def collect(args, do_runs):
-    """sweep[method][lr] -> final val loss; seeds[method] -> (best lr, [records per seed]).
+    """sweep[method][lr] -> final val loss; seeds[method] -> (best lr, [records per seed]);
+    longer[method] -> records of the --longer run (full and sltrain).
     Runs go --jobs at a time; a method's seeds start once its sweep has a best lr inside its grid."""
     def kept(m, lr, s, n):
         path = os.path.join(args.results, name_of(m, lr, s, n) + ".jsonl")
@@ -144,14 +149,19 @@ def collect(args, do_runs):
     complete = [m for m in METHODS if len(sweep[m]) == len(grid[m])]
     best = {m: min(sweep[m], key=sweep[m].get) for m in complete}
     tasks = [(m, best[m], s, args.seed_steps) for m in complete for s in SEEDS]
-    seeds = {m: (best[m], []) for m in complete}
-    for (m, *_), records in zip(tasks, many(tasks)):
-        if records and final_val(records, args.seed_steps) is not None:
-            seeds[m][1].append(records)
-    return sweep, seeds
+    n_seeds = len(tasks)
+    tasks += [(m, best[m], 0, args.longer) for m in ("full", "sltrain") if m in complete and args.longer]
+    seeds, longer = {m: (best[m], []) for m in complete}, {}
+    for i, ((m, _, _, steps), records) in enumerate(zip(tasks, many(tasks))):
+        if records and final_val(records, steps) is not None:
+            if i < n_seeds:
+                seeds[m][1].append(records)
+            else:
+                longer[m] = records
+    return sweep, seeds, longer
 
 
-def report(args, sweep, seeds):
+def report(args, sweep, seeds, longer):
     lrs = sorted(set(LRS).union(*(sweep[m] for m in METHODS)))
     lines = [f"lr sweep ({args.sweep_steps} steps, seed 0), final val loss (- = not run):", "",
              "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
@@ -170,6 +180,16 @@ def report(args, sweep, seeds):
         lines += ["", f"gap closed by sltrain, (lowrank - sltrain) / (lowrank - full), per seed: "
                   f"{', '.join(f'{c:.2f}' for c in closed)}; mean {statistics.mean(closed):.2f} +- "
                   f"{statistics.stdev(closed):.2f}"]
+    if "full" in finals and "sltrain" in finals:
+        diff = [sl - fu for fu, sl in zip(finals["full"], finals["sltrain"])]
+        lines += ["", "sltrain - full, per seed: " + ", ".join(f"{d:+.4f}" for d in diff)]
+    if len(longer) == 2:
+        at = {m: {r["step"]: r["val_loss"] for r in longer[m] if r["type"] == "eval"} for m in longer}
+        steps = sorted(set(at["full"]) & set(at["sltrain"]))
+        lines += ["", f"seed 0 for {args.longer} steps ({args.longer * 4096 / 1e6:.1f}M tokens), same lrs, val loss:", "",
+                  "| step | full | sltrain | sltrain - full |", "|---|---|---|---|"]
+        lines += [f"| {n} | {at['full'][n]:.4f} | {at['sltrain'][n]:.4f} | {at['sltrain'][n] - at['full'][n]:+.4f} |"
+                  for n in steps]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.results, exist_ok=True)
@@ -178,7 +198,7 @@ def report(args, sweep, seeds):
     return finals
 
 
-def plot(args, sweep, seeds, finals):
+def plot(args, sweep, seeds, finals, longer):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -198,6 +218,10 @@ def plot(args, sweep, seeds, finals):
         tokens = [s * 4096 / 1e6 for s in steps]
         ax.plot(tokens, mean, color=colors[m], label=f"{m} (lr {lr:g})")
         ax.fill_between(tokens, lo, hi, color=colors[m], alpha=0.2)
+    for m, recs in longer.items():
+        evals = [r for r in recs if r["type"] == "eval"]
+        ax.plot([r["step"] * 4096 / 1e6 for r in evals], [r["val_loss"] for r in evals], "--", color=colors[m],
+                label=f"{m}, seed 0, {args.longer} steps")
     ax.set(xlabel="tokens (M)", ylabel="val loss", title=f"tiny, mean and range over {len(SEEDS)} seeds")
     ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(args.results, "val_loss_vs_tokens.png"), dpi=100)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -220,11 +244,11 @@ def main():
     args = get_args()
     t0 = time.time()
     try:
-        sweep, seeds = collect(args, do_runs=not args.plot)
+        sweep, seeds, longer = collect(args, do_runs=not args.plot)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
-    finals = report(args, sweep, seeds)
-    plot(args, sweep, seeds, finals)
+    finals = report(args, sweep, seeds, longer)
+    plot(args, sweep, seeds, finals, longer)
     print(f"study: {(time.time() - t0) / 60:.1f} min")
 
 

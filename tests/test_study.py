@@ -23,7 +23,7 @@ def write(folder, method, lr, seed, steps, val):
 
 
 def test_best_lr_widened_grid_and_gap_closed(tmp_path):
-    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1)
+    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1, longer=0)
     for m, finals in SWEEP.items():
         for lr, val in finals.items():
             write(tmp_path, m, lr, 0, 40, val)
@@ -32,14 +32,14 @@ def test_best_lr_widened_grid_and_gap_closed(tmp_path):
             write(tmp_path, m, lr, seed, 60, val)
     write(tmp_path, "full", 3e-3, 0, 60, 0.1)  # a seed run at a lr that is not full's best: never read
 
-    sweep, seeds = study.collect(args, do_runs=False)
+    sweep, seeds, longer = study.collect(args, do_runs=False)
     # lowrank: best at 1e-2 -> widened to 3e-2 (best again) -> 1e-1 (diverged, NaN = worst); sltrain stops at 3e-2
     assert sorted(sweep["lowrank"]) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
     assert sorted(sweep["sltrain"]) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2] and sorted(sweep["full"]) == [
         1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
     assert {m: lr for m, (lr, _) in seeds.items()} == {"full": 1e-3, "lowrank": 3e-2, "sltrain": 1e-2}
 
-    finals = study.report(args, sweep, seeds)
+    finals = study.report(args, sweep, seeds, longer)
     assert finals == {m: vals for m, (_, vals) in SEEDS.items()}
     table = (tmp_path / "table.md").read_text()
     # by hand: (lowrank - sltrain) / (lowrank - full) = 0.5/1.0, 0.6/1.0, 0.7/1.0; mean 0.6, sd 0.1
@@ -49,10 +49,29 @@ def test_best_lr_widened_grid_and_gap_closed(tmp_path):
 
 
 def test_an_unfinished_sweep_has_no_best_lr(tmp_path):
-    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1)
+    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1, longer=0)
     for lr, val in SWEEP["sltrain"].items():
         if lr != 3e-2:  # best at the edge 1e-2, the next rung not run yet
             write(tmp_path, "sltrain", lr, 0, 40, val)
     write(tmp_path, "sltrain", 1e-2, 0, 60, 1.0)
-    sweep, seeds = study.collect(args, do_runs=False)
+    sweep, seeds, longer = study.collect(args, do_runs=False)
     assert "sltrain" not in seeds and len(sweep["sltrain"]) == 5
+
+
+def test_paired_differences_and_the_longer_runs(tmp_path):
+    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1, longer=80)
+    for m, finals in SWEEP.items():
+        for lr, val in finals.items():
+            write(tmp_path, m, lr, 0, 40, val)
+    for m, (lr, vals) in SEEDS.items():
+        for seed, val in zip(study.SEEDS, vals):
+            write(tmp_path, m, lr, seed, 60, val)
+    write(tmp_path, "full", 1e-3, 0, 80, 0.90)
+    write(tmp_path, "sltrain", 1e-2, 0, 80, 0.95)
+    write(tmp_path, "lowrank", 3e-2, 0, 80, 0.1)  # only full and sltrain run longer: never read
+    sweep, seeds, longer = study.collect(args, do_runs=False)
+    assert sorted(longer) == ["full", "sltrain"]
+    study.report(args, sweep, seeds, longer)
+    table = (tmp_path / "table.md").read_text()
+    assert "sltrain - full, per seed: +0.5000, +0.4000, +0.3000" in table  # 1.5-1.0, 1.5-1.1, 1.5-1.2
+    assert "| 80 | 0.9000 | 0.9500 | +0.0500 |" in table
