@@ -9,8 +9,10 @@ Does sparse plus low-rank close the gap? full / lowrank / sltrain on the tiny mo
    --sweep-steps steps of the tiny recipe (16 x 256 tokens); while a method's best lr is the edge of its
    grid, one more rung on that side (3e-2, 1e-1, ... or 3e-5, ...), so no best lr is a grid edge.
 2. seeds: each method at its best sweep lr (lowest final val loss), seeds 0, 1, 2, --seed-steps steps.
---jobs runs go at once, each on one thread: on 2 cores two 1-thread runs make ~16.9k tokens/s together,
-one 2-thread run ~15.1k (tiny sltrain, measured), so the default is 2.
+--jobs runs go at once, each on one thread; an odd one out runs after them on every thread. Measured on 2
+cores: two 1-thread runs make 17.8k (full), 17.2k (lowrank), 17.3k (sltrain) tokens/s together, one 2-thread
+run 15.2k, 17.5k, 15.0k, so the default is 2. Cost there: ~3.7 min per 1-thread sweep run, ~19.5 min per
+1-thread seed run, ~11 min per 2-thread seed run: about 2 h for the whole study (README, Results).
 Every run is a plain `train.py` run in its own out-dir under --runs. A finished run's log.jsonl is
 copied to --results/<name>.jsonl (commit those): a run whose log is there is skipped, and a run cut
 short resumes from its checkpoint, so the study can stop and go on, on another machine too.
@@ -19,8 +21,7 @@ sltrain closes) and, if matplotlib is installed (only this script needs it), wri
 val loss vs tokens (seed bands), final val loss vs lr, and the paper's Figure-1 view: memory
 (train.py --dry-run's estimate) vs final val loss.
 
-Status: written and smoke-tested (the command above) in the session that wrote it; its lr sweep was
-started there and its finished runs are in benchmarks/results/study/; the rest is to run.
+Status: run in full on the project's CPU machine; every run's log is in benchmarks/results/study/.
 """
 import argparse
 import concurrent.futures
@@ -80,7 +81,7 @@ def say(line):
     sys.stdout.flush()
 
 
-def run(args, method, lr, seed, steps):
+def run(args, method, lr, seed, steps, one_thread=False):
     """One train.py run, skipped when its log is already in --results; returns its records."""
     name = name_of(method, lr, seed, steps)
     kept = os.path.join(args.results, name + ".jsonl")
@@ -96,7 +97,7 @@ def run(args, method, lr, seed, steps):
         shutil.rmtree(out)  # started but never checkpointed: start again
     say(f"study: {name} ...")
     t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1") if args.jobs > 1 else None  # jobs share the cores, one each
+    env = dict(os.environ, OMP_NUM_THREADS="1") if one_thread else None  # jobs share the cores, one each
     result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{name} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
@@ -125,8 +126,11 @@ def collect(args, do_runs):
     def many(tasks):  # [(method, lr, seed, steps)] -> their records, in order
         if not do_runs:
             return [kept(*t) for t in tasks]
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            return list(pool.map(lambda t: run(args, *t), tasks))
+        todo = [t for t in tasks if not kept(*t) or final_val(kept(*t), t[3]) is None]
+        together = todo[:len(todo) - len(todo) % args.jobs] if args.jobs > 1 else []  # the odd ones out run
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # after, one at a time on every thread
+            list(pool.map(lambda t: run(args, *t, one_thread=True), together))
+        return [run(args, *t) for t in tasks]  # those done above are read back from --results
 
     sweep = {m: {} for m in METHODS}
     grid = {m: list(LRS) for m in METHODS}
