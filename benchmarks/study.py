@@ -99,12 +99,16 @@ def run(args, method, lr, seed, steps, one_thread=False):
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS="1") if one_thread else None  # jobs share the cores, one each
     result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{name} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
-    records = read_log(os.path.join(out, "log.jsonl"))
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    records = read_log(os.path.join(out, "log.jsonl")) if os.path.exists(os.path.join(out, "log.jsonl")) else []
+    if result.returncode != 0 and " loss is " in last:  # train.py stopped on a NaN/inf loss: the lr diverged,
+        records.append(dict(type="eval", step=steps, val_loss=math.inf, diverged=last))  # a result, the worst
+    elif result.returncode != 0:
+        raise RuntimeError(f"{name} failed: {last}")
     say(f"study: {name}: final val loss {final_val(records, steps):.4f} ({(time.time() - t0) / 60:.1f} min)")
     os.makedirs(args.results, exist_ok=True)
-    shutil.copyfile(os.path.join(out, "log.jsonl"), kept)
+    with open(kept, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
     return records
 
 
