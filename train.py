@@ -39,14 +39,14 @@ from sltrain import METHODS, SLLinear, swap_linears
 # tokens, peak lr per method): 512 x 256 = 131,072 tokens per step for every size. `tiny` is ours,
 # sized so a 2-core CPU sees the loss fall within minutes: 16 x 256 = 4,096 tokens per step. LR_HELP
 # says where each lr comes from.
-PAPER_LR = dict(full=3e-3, lowrank=3e-3, sltrain=3e-3)
+PAPER_LRS = dict(full=3e-3, lowrank=3e-3, sltrain=3e-3)
 RECIPES = {
     "tiny": dict(steps=300, batch=16, eval_tokens=65_536, lr=dict(full=1e-3, lowrank=1e-2, sltrain=1e-2)),
-    "60m": dict(steps=11_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LR),
-    "130m": dict(steps=22_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LR),
-    "350m": dict(steps=65_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LR),
-    "1b": dict(steps=140_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LR),
-    "7b": dict(steps=150_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LR),
+    "60m": dict(steps=11_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
+    "130m": dict(steps=22_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
+    "350m": dict(steps=65_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
+    "1b": dict(steps=140_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
+    "7b": dict(steps=150_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
 }
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stdlib")
 LR_HELP = """
@@ -54,15 +54,15 @@ LR_HELP = """
 lowest final val loss in the lr sweep of benchmarks/study.py (1e-4 ... 3e-2, 400 steps, seed 0; README,
 Results). 60m to 7b: 3e-3 for every method. It is the lr of SLTrain's public scripts. They ship no
 full-rank or low-rank lr (GaLore's paper tuned its baselines over {1e-2, 5e-3, 1e-3, 5e-4, 1e-4}):
-full-rank keeps 3e-3, with which a public 60m run reached 30.08 perplexity, below the paper's
-34.06; low-rank takes SLTrain's lr for the same factors without S, untuned.
+full-rank keeps 3e-3, with which a public 60m run (reported on SLTrain's issue tracker) reached 30.08
+perplexity, below the paper's 34.06; low-rank takes SLTrain's lr for the same factors without S, untuned.
 """
 RESUME_HELP = """
 --resume continues the checkpoint's run exactly. It is refused, listing every difference, when the model
 (--model --method --rank --delta --alpha --vocab-size --seq-len --seed), the numerics (--param-dtype --dtype),
 the batches (--batch-size --grad-accum, the number of ranks), the optimizer state (--optimizer --per-layer
 --dist) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup --grad-clip (a note
-says the schedule changes), --log-every --eval-every --eval-tokens --stop-at-step --activation-checkpointing
+says the schedule changes; left out, --lr is the run's own), --log-every --eval-every --eval-tokens --stop-at-step --activation-checkpointing
 --compile, the --data path (the same meta.json elsewhere is the same data) and --device (another kind of device
 continues the run, but not bit for bit: its kernels and random streams differ).
 """
@@ -132,6 +132,7 @@ def get_args(argv=None):
     args.delta = cfg.delta if args.delta is None else args.delta
     args.alpha = cfg.alpha if args.alpha is None else args.alpha
     args.max_steps = args.max_steps or recipe["steps"]
+    args.lr_given = args.lr is not None  # without --lr, --resume keeps the run's own lr (load_checkpoint)
     args.lr = recipe["lr"][args.method] if args.lr is None else args.lr
     args.warmup = max(1, args.max_steps // 10) if args.warmup is None else args.warmup
     args.batch_size, args.grad_accum = parallel.split_batch(p, args, recipe["batch"], world)
@@ -292,6 +293,8 @@ def load_checkpoint(args, model, optimizer, meta):
                  f"continue it exactly: {'; '.join(found)}. Resume with the checkpoint's settings, or use another "
                  f"--out-dir for a new run (train.py --help: what may change).")
     parallel.exit_together(error, args.device)  # a rank that failed alone would leave the others waiting
+    if not args.lr_given and "lr" in state["config"]:  # the run's lr, even if the default changed since
+        args.lr = state["config"]["lr"]
     for k in SCHEDULE_KEYS if optimizer is not None and parallel.is_rank0() else ():
         if state["config"].get(k, getattr(args, k)) != getattr(args, k):
             print(f"note: --{k.replace('_', '-')} is {getattr(args, k)}, the checkpoint's run had "

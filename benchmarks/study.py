@@ -54,8 +54,8 @@ def get_args():
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each on one thread (default: 2, ~12%% more "
                    "tokens/s than one 2-thread run on 2 cores, measured)")
     args = p.parse_args()
-    if args.longer < 0:
-        p.error("--longer must be >= 0 (0 = off)")
+    if args.longer and args.longer <= args.seed_steps:
+        p.error(f"--longer {args.longer}: must be above --seed-steps ({args.seed_steps}), or 0 (off)")
     for name in ("sweep_steps", "seed_steps", "jobs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -81,7 +81,7 @@ def say(line):
     sys.stdout.flush()
 
 
-def run(args, method, lr, seed, steps, one_thread=False):
+def run(args, method, lr, seed, steps, threads=None):
     """One train.py run, skipped when its log is already in --results; returns its records."""
     name = name_of(method, lr, seed, steps)
     kept = os.path.join(args.results, name + ".jsonl")
@@ -97,7 +97,7 @@ def run(args, method, lr, seed, steps, one_thread=False):
         shutil.rmtree(out)  # started but never checkpointed: start again
     say(f"study: {name} ...")
     t0 = time.time()
-    env = dict(os.environ, OMP_NUM_THREADS="1") if one_thread else None  # jobs share the cores, one each
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None  # jobs share the cores
     result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
     records = read_log(os.path.join(out, "log.jsonl")) if os.path.exists(os.path.join(out, "log.jsonl")) else []
@@ -120,9 +120,10 @@ def memory_gb(method):
 
 
 def collect(args, do_runs):
-    """sweep[method][lr] -> final val loss; seeds[method] -> (best lr, [records per seed]);
+    """sweep[method][lr] -> final val loss; seeds[method] -> (best lr, {seed: records});
     longer[method] -> records of the --longer run (full and sltrain).
-    Runs go --jobs at a time; a method's seeds start once its sweep has a best lr inside its grid."""
+    Runs go --jobs at a time: first the sweep (widened until every best lr is inside its grid), then the seeds.
+    --plot (do_runs False) reads the kept logs only, and finds --longer runs by their names."""
     def kept(m, lr, s, n):
         path = os.path.join(args.results, name_of(m, lr, s, n) + ".jsonl")
         return read_log(path) if os.path.exists(path) else None
@@ -132,8 +133,16 @@ def collect(args, do_runs):
             return [kept(*t) for t in tasks]
         todo = [t for t in tasks if not kept(*t) or final_val(kept(*t), t[3]) is None]
         together = todo[:len(todo) - len(todo) % args.jobs] if args.jobs > 1 else []  # the odd ones out run
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:  # after, one at a time on every thread
-            list(pool.map(lambda t: run(args, *t, one_thread=True), together))
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)  # after, one at a time on every thread
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(run, args, *t, threads=threads) for t in together]
+            try:
+                for f in concurrent.futures.as_completed(futures):
+                    f.result()
+            except BaseException:  # a failed run or Ctrl-C: start nothing more
+                for f in futures:
+                    f.cancel()
+                raise
         return [run(args, *t) for t in tasks]  # those done above are read back from --results
 
     sweep = {m: {} for m in METHODS}
@@ -156,17 +165,29 @@ def collect(args, do_runs):
                 todo.append((m, LADDER[edge]))
     complete = [m for m in METHODS if len(sweep[m]) == len(grid[m])]
     best = {m: min(sweep[m], key=sweep[m].get) for m in complete}
+    if not do_runs and not args.longer:  # --plot: the longest full and sltrain seed-0 runs both have, if any
+        steps = [{int(n[:-6].rsplit("steps", 1)[1]) for n in os.listdir(args.results)
+                  if n.startswith(f"{m}-lr{best[m]:g}-seed0-steps") and n.endswith(".jsonl")} if m in best else set()
+                 for m in ("full", "sltrain")]
+        args.longer = max((n for n in steps[0] & steps[1] if n > args.seed_steps), default=0)
     tasks = [(m, best[m], s, args.seed_steps) for m in complete for s in SEEDS]
     n_seeds = len(tasks)
     tasks += [(m, best[m], 0, args.longer) for m in ("full", "sltrain") if m in complete and args.longer]
-    seeds, longer = {m: (best[m], []) for m in complete}, {}
-    for i, ((m, _, _, steps), records) in enumerate(zip(tasks, many(tasks))):
+    seeds, longer = {m: (best[m], {}) for m in complete}, {}
+    for i, ((m, _, seed, steps), records) in enumerate(zip(tasks, many(tasks))):
         if records and final_val(records, steps) is not None:
             if i < n_seeds:
-                seeds[m][1].append(records)
+                seeds[m][1][seed] = records
             else:
                 longer[m] = records
     return sweep, seeds, longer
+
+
+def mean_sd(vals):
+    """(mean, sd) of the values, sd nan for one value; None when there are none or one diverged (inf)."""
+    if not vals or not all(math.isfinite(v) for v in vals):
+        return None
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else math.nan
 
 
 def report(args, sweep, seeds, longer):
@@ -175,22 +196,23 @@ def report(args, sweep, seeds, longer):
              "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for m in METHODS:
         lines.append(f"| {m} | " + " | ".join(f"{sweep[m][lr]:.4f}" if lr in sweep[m] else "-" for lr in lrs) + " |")
-    finals = {m: [final_val(r, args.seed_steps) for r in runs] for m, (_, runs) in seeds.items() if runs}
-    lines += ["", f"{args.seed_steps} steps ({args.seed_steps * 4096 / 1e6:.1f}M tokens) at each method's best lr, "
-              f"seeds {', '.join(map(str, SEEDS))}:", "", "| method | lr | final val loss per seed | mean +- sd |",
-              "|---|---|---|---|"]
+    finals = {m: {seed: final_val(r, args.seed_steps) for seed, r in runs.items()} for m, (_, runs) in seeds.items()}
+    lines += ["", f"{args.seed_steps} steps ({args.seed_steps * 4096 / 1e6:.1f}M tokens) at each method's best lr "
+              "(- = not run yet; inf = diverged):", "", "| method | lr | " + " | ".join(f"seed {s}" for s in SEEDS) +
+              " | mean +- sd |", "|---|---|" + "---|" * len(SEEDS) + "---|"]
     for m, vals in finals.items():
-        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        lines.append(f"| {m} | {seeds[m][0]:g} | {', '.join(f'{v:.4f}' for v in vals)} | "
-                     f"{statistics.mean(vals):.4f} +- {sd:.4f} |")
-    if all(len(finals.get(m, [])) == len(SEEDS) for m in METHODS):
-        closed = [(lo - sl) / (lo - fu) for fu, lo, sl in zip(finals["full"], finals["lowrank"], finals["sltrain"])]
-        lines += ["", f"gap closed by sltrain, (lowrank - sltrain) / (lowrank - full), per seed: "
-                  f"{', '.join(f'{c:.2f}' for c in closed)}; mean {statistics.mean(closed):.2f} +- "
-                  f"{statistics.stdev(closed):.2f}"]
-    if "full" in finals and "sltrain" in finals:
-        diff = [sl - fu for fu, sl in zip(finals["full"], finals["sltrain"])]
-        lines += ["", "sltrain - full, per seed: " + ", ".join(f"{d:+.4f}" for d in diff)]
+        stats = mean_sd(list(vals.values()))
+        lines.append(f"| {m} | {seeds[m][0]:g} | " + " | ".join(f"{vals[s]:.4f}" if s in vals else "-" for s in SEEDS)
+                     + " | " + (f"{stats[0]:.4f} +- {stats[1]:.4f} |" if stats else "- |"))
+    both = [s for s in SEEDS if all(s in finals.get(m, {}) for m in METHODS)]  # paired by seed
+    closed = [(finals["lowrank"][s] - finals["sltrain"][s]) / (finals["lowrank"][s] - finals["full"][s]) for s in both]
+    if closed and mean_sd(closed):
+        lines += ["", f"gap closed by sltrain, (lowrank - sltrain) / (lowrank - full), seeds {', '.join(map(str, both))}: "
+                  f"{', '.join(f'{c:.2f}' for c in closed)}; mean {mean_sd(closed)[0]:.2f} +- {mean_sd(closed)[1]:.2f}"]
+    pairs = [s for s in SEEDS if all(s in finals.get(m, {}) for m in ("full", "sltrain"))]
+    if pairs:
+        lines += ["", f"sltrain - full, seeds {', '.join(map(str, pairs))}: " +
+                  ", ".join(f"{finals['sltrain'][s] - finals['full'][s]:+.4f}" for s in pairs)]
     if len(longer) == 2:
         at = {m: {r["step"]: r["val_loss"] for r in longer[m] if r["type"] == "eval"} for m in longer}
         steps = sorted(set(at["full"]) & set(at["sltrain"]))
@@ -219,7 +241,7 @@ def plot(args, sweep, seeds, finals, longer):
     for m, (lr, runs) in seeds.items():
         if not runs:
             continue
-        curves = [{r["step"]: r["val_loss"] for r in recs if r["type"] == "eval"} for recs in runs]
+        curves = [{r["step"]: r["val_loss"] for r in recs if r["type"] == "eval"} for recs in runs.values()]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         mean = [statistics.mean(c[s] for c in curves) for s in steps]
         lo, hi = ([min(c[s] for c in curves) for s in steps], [max(c[s] for c in curves) for s in steps])
@@ -240,9 +262,10 @@ def plot(args, sweep, seeds, finals, longer):
     ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(args.results, "val_loss_vs_lr.png"), dpi=100)
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, vals in finals.items():
-        gb = memory_gb(m)
-        ax.errorbar([gb * 1e3], [statistics.mean(vals)], yerr=[statistics.stdev(vals) if len(vals) > 1 else 0],
-                    fmt="o", color=colors[m], label=m, capsize=4)
+        stats = mean_sd(list(vals.values()))
+        if stats:
+            ax.errorbar([memory_gb(m) * 1e3], [stats[0]], yerr=[0 if math.isnan(stats[1]) else stats[1]], fmt="o",
+                        color=colors[m], label=m, capsize=4)
     ax.set(xlabel="estimated memory (MB, train.py --dry-run)", ylabel="final val loss", title="memory vs loss (Figure 1 view)")
     ax.legend(), fig.tight_layout(), fig.savefig(os.path.join(args.results, "memory_vs_val_loss.png"), dpi=100)
     print(f"wrote 3 PNGs to {args.results}")

@@ -152,6 +152,13 @@ def test_resume_refuses_every_difference_that_breaks_exactness(data_dir, tmp_pat
     assert "note: --lr is 0.001, the checkpoint's run had 0.01" in out and "note: --max-steps is 3" in out
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 1, 2, 2, 3, 3]  # evals every step, then 3
 
+    # without --lr, a resume keeps the run's lr (here 1e-3), not tiny's default (1e-2): no note, the same lr
+    run(data_dir, tmp_path / "run", "--batch-size", "16", "--max-steps", "4", "--warmup", "0", "--eval-every", "4",
+        "--eval-tokens", "1024", "--log-every", "4", "--resume")
+    assert "note: --lr" not in capsys.readouterr().out
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        assert [r["lr"] for r in map(json.loads, f) if r["type"] == "config"][-1] == 1e-3
+
 
 def test_torn_log_line_is_dropped_on_resume(data_dir, tmp_path):
     run(data_dir, tmp_path, "--max-steps", "2")

@@ -33,18 +33,19 @@ def test_best_lr_widened_grid_and_gap_closed(tmp_path):
     write(tmp_path, "full", 3e-3, 0, 60, 0.1)  # a seed run at a lr that is not full's best: never read
 
     sweep, seeds, longer = study.collect(args, do_runs=False)
-    # lowrank: best at 1e-2 -> widened to 3e-2 (best again) -> 1e-1 (diverged, NaN = worst); sltrain stops at 3e-2
+    # lowrank: best at 1e-2 -> widened to 3e-2 (best again) -> 1e-1 (NaN, as a diverged eval: the worst);
+    # sltrain stops at 3e-2
     assert sorted(sweep["lowrank"]) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
     assert sorted(sweep["sltrain"]) == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2] and sorted(sweep["full"]) == [
         1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
     assert {m: lr for m, (lr, _) in seeds.items()} == {"full": 1e-3, "lowrank": 3e-2, "sltrain": 1e-2}
 
     finals = study.report(args, sweep, seeds, longer)
-    assert finals == {m: vals for m, (_, vals) in SEEDS.items()}
+    assert finals == {m: dict(zip(study.SEEDS, vals)) for m, (_, vals) in SEEDS.items()}
     table = (tmp_path / "table.md").read_text()
     # by hand: (lowrank - sltrain) / (lowrank - full) = 0.5/1.0, 0.6/1.0, 0.7/1.0; mean 0.6, sd 0.1
-    assert "per seed: 0.50, 0.60, 0.70; mean 0.60 +- 0.10" in table
-    assert "| full | 0.001 | 1.0000, 1.1000, 1.2000 | 1.1000 +- 0.1000 |" in table
+    assert "seeds 0, 1, 2: 0.50, 0.60, 0.70; mean 0.60 +- 0.10" in table
+    assert "| full | 0.001 | 1.0000 | 1.1000 | 1.2000 | 1.1000 +- 0.1000 |" in table
     assert "| lowrank | 3.5000 | 2.7000 | 2.1000 | 1.9000 | 1.8000 | 1.6000 | inf |" in table
 
 
@@ -59,7 +60,7 @@ def test_an_unfinished_sweep_has_no_best_lr(tmp_path):
 
 
 def test_paired_differences_and_the_longer_runs(tmp_path):
-    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1, longer=80)
+    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1, longer=0)
     for m, finals in SWEEP.items():
         for lr, val in finals.items():
             write(tmp_path, m, lr, 0, 40, val)
@@ -69,9 +70,27 @@ def test_paired_differences_and_the_longer_runs(tmp_path):
     write(tmp_path, "full", 1e-3, 0, 80, 0.90)
     write(tmp_path, "sltrain", 1e-2, 0, 80, 0.95)
     write(tmp_path, "lowrank", 3e-2, 0, 80, 0.1)  # only full and sltrain run longer: never read
-    sweep, seeds, longer = study.collect(args, do_runs=False)
-    assert sorted(longer) == ["full", "sltrain"]
+    sweep, seeds, longer = study.collect(args, do_runs=False)  # --plot finds the 80-step runs by their names
+    assert sorted(longer) == ["full", "sltrain"] and args.longer == 80
     study.report(args, sweep, seeds, longer)
     table = (tmp_path / "table.md").read_text()
-    assert "sltrain - full, per seed: +0.5000, +0.4000, +0.3000" in table  # 1.5-1.0, 1.5-1.1, 1.5-1.2
+    assert "sltrain - full, seeds 0, 1, 2: +0.5000, +0.4000, +0.3000" in table  # 1.5-1.0, 1.5-1.1, 1.5-1.2
     assert "| 80 | 0.9000 | 0.9500 | +0.0500 |" in table
+
+
+def test_missing_and_diverged_seeds_pair_by_seed(tmp_path):
+    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1, longer=0)
+    for m, finals in SWEEP.items():
+        for lr, val in finals.items():
+            write(tmp_path, m, lr, 0, 40, val)
+    for m, (lr, vals) in SEEDS.items():
+        for seed, val in zip(study.SEEDS, vals):
+            if not (m == "sltrain" and seed == 1):  # sltrain's seed 1 not run yet
+                write(tmp_path, m, lr, seed, 60, float("inf") if (m, seed) == ("lowrank", 2) else val)
+    sweep, seeds, longer = study.collect(args, do_runs=False)
+    study.report(args, sweep, seeds, longer)
+    table = (tmp_path / "table.md").read_text()
+    assert "| sltrain | 0.01 | 1.5000 | - | 1.5000 | 1.5000 +- 0.0000 |" in table
+    assert "| lowrank | 0.03 | 2.0000 | 2.1000 | inf | - |" in table  # a diverged seed: no mean
+    assert "sltrain - full, seeds 0, 2: +0.5000, +0.3000" in table  # seed 2 with seed 2, not with seed 1
+    assert "gap closed" not in table  # seed 1 lacks sltrain, seed 2's lowrank diverged: no gap with a spread

@@ -92,8 +92,9 @@ def test_default_lr_is_the_studys_best_for_tiny_and_the_papers_for_its_sizes(met
     finals = {}
     for name in os.listdir(study):
         if name.startswith(f"{method}-lr") and name.endswith("-seed0-steps400.jsonl"):
-            evals = [r for r in read_log_file(os.path.join(study, name)) if r.get("step") == 400 and r["type"] == "eval"]
-            finals[evals[-1]["val_loss"]] = float(name[len(method) + 3:].split("-")[0])
+            records = read_log_file(os.path.join(study, name))
+            evals = [r for r in records if r["type"] == "eval" and r["step"] == 400]
+            finals[evals[-1]["val_loss"]] = next(r for r in records if r["type"] == "config")["lr"]
     assert len(finals) >= 5 and train.get_args(["--method", method]).lr == finals[min(finals)]
     for size in ("60m", "130m", "350m", "1b", "7b"):
         assert train.get_args(["--model", size, "--method", method]).lr == 3e-3
