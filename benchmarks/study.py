@@ -9,10 +9,11 @@ Does sparse plus low-rank close the gap? full / lowrank / sltrain on the tiny mo
    --sweep-steps steps of the tiny recipe (16 x 256 tokens); while a method's best lr is the edge of its
    grid, one more rung on that side (3e-2, 1e-1, ... or 3e-5, ...), so no best lr is a grid edge.
 2. seeds: each method at its best sweep lr (lowest final val loss), seeds 0, 1, 2, --seed-steps steps.
---jobs runs go at once, each on one thread; an odd one out runs after them on every thread. Measured on 2
-cores: two 1-thread runs make 17.8k (full), 17.2k (lowrank), 17.3k (sltrain) tokens/s together, one 2-thread
-run 15.2k, 17.5k, 15.0k, so the default is 2. Cost there: ~3.7 min per 1-thread sweep run, ~19.5 min per
-1-thread seed run, ~11 min per 2-thread seed run: about 2 h for the whole study (README, Results).
+--jobs runs go at once, each on cores/jobs threads; an odd one out runs after them on every thread. Measured
+on 2 cores (medians over the committed logs): two 1-thread runs make 17.8k (full), 17.2k (lowrank), 17.3k
+(sltrain) tokens/s together, one 2-thread run 15.7k, 15.6k, 16.0k, so the default is 2 (8-13% faster).
+Cost there: ~3.7 min per 1-thread sweep run, ~19.5 min per 1-thread seed run, ~11 min per 2-thread seed
+run: about 2 h for the whole study (README, Results).
 Every run is a plain `train.py` run in its own out-dir under --runs. A finished run's log.jsonl is
 copied to --results/<name>.jsonl (commit those): a run whose log is there is skipped, and a run cut
 short resumes from its checkpoint, so the study can stop and go on, on another machine too.
@@ -51,8 +52,8 @@ def get_args():
     p.add_argument("--plot", action="store_true", help="only the table and plots, from the logs in --results")
     p.add_argument("--longer", type=int, default=0, metavar="STEPS", help="then full and sltrain once more, seed 0 "
                    "at their best lr for STEPS steps: does more data change their order? (default: 0, off)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once, each on one thread (default: 2, ~12%% more "
-                   "tokens/s than one 2-thread run on 2 cores, measured)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores/jobs threads (default: 2, "
+                   "8-13%% more tokens/s than one run at a time on 2 cores, measured)")
     args = p.parse_args()
     if args.longer and args.longer <= args.seed_steps:
         p.error(f"--longer {args.longer}: must be above --seed-steps ({args.seed_steps}), or 0 (off)")
