@@ -3,6 +3,7 @@ Does sparse plus low-rank close the gap? full / lowrank / sltrain on the tiny mo
 
     python benchmarks/study.py                 # the whole study: lr sweep, then 3 seeds at each best lr
     python benchmarks/study.py --plot          # the table and the PNGs from the committed logs only
+    python benchmarks/study.py --longer 4800   # then full and sltrain, seed 0, twice the tokens (~40 min)
     python benchmarks/study.py --sweep-steps 4 --seed-steps 6 --results /tmp/study   # a smoke test
 
 1. lr sweep: each method at lr in {1e-4, 3e-4, 1e-3, 3e-3, 1e-2} (log-spaced, GaLore's range), seed 0,
