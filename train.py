@@ -63,8 +63,9 @@ RESUME_HELP = """
 the batches (--batch-size --grad-accum, the number of ranks), the optimizer state (--optimizer --per-layer
 --dist) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup --grad-clip (a note
 says the schedule changes; left out, --lr is the run's own), --log-every --eval-every --eval-tokens
---stop-at-step --activation-checkpointing --compile, the --data path (the same meta.json elsewhere is the same data) and --device (another kind of device
-continues the run, but not bit for bit: its kernels and random streams differ).
+--stop-at-step --activation-checkpointing --compile, the --data path (the same meta.json elsewhere is the
+same data) and --device (another kind of device continues the run, but not bit for bit: its kernels and random
+streams differ).
 """
 # RESUME_HELP's flags: MODEL_KEYS and RUN_KEYS must match a checkpoint's; SCHEDULE_KEYS may change
 MODEL_KEYS = ("model", "method", "rank", "delta", "alpha", "vocab_size", "seq_len", "seed")
