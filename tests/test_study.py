@@ -22,14 +22,21 @@ def write(folder, method, lr, seed, steps, val):
         f.write(json.dumps({"type": "eval", "step": steps, "val_loss": val}) + "\n")
 
 
-def test_best_lr_widened_grid_and_gap_closed(tmp_path):
-    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1, longer=0)
+def write_study(folder, skip=None, diverged=None):
+    """The sweep (40 steps) and seed (60 steps) logs of SWEEP and SEEDS; a (method, seed) to leave out or to
+    give an inf final loss. Returns the study's args for them."""
     for m, finals in SWEEP.items():
         for lr, val in finals.items():
-            write(tmp_path, m, lr, 0, 40, val)
+            write(folder, m, lr, 0, 40, val)
     for m, (lr, vals) in SEEDS.items():
         for seed, val in zip(study.SEEDS, vals):
-            write(tmp_path, m, lr, seed, 60, val)
+            if (m, seed) != skip:
+                write(folder, m, lr, seed, 60, float("inf") if (m, seed) == diverged else val)
+    return argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(folder), jobs=1, longer=0)
+
+
+def test_best_lr_widened_grid_and_gap_closed(tmp_path):
+    args = write_study(tmp_path)
     write(tmp_path, "full", 3e-3, 0, 60, 0.1)  # a seed run at a lr that is not full's best: never read
 
     sweep, seeds, longer = study.collect(args, do_runs=False)
@@ -60,13 +67,7 @@ def test_an_unfinished_sweep_has_no_best_lr(tmp_path):
 
 
 def test_paired_differences_and_the_longer_runs(tmp_path):
-    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1, longer=0)
-    for m, finals in SWEEP.items():
-        for lr, val in finals.items():
-            write(tmp_path, m, lr, 0, 40, val)
-    for m, (lr, vals) in SEEDS.items():
-        for seed, val in zip(study.SEEDS, vals):
-            write(tmp_path, m, lr, seed, 60, val)
+    args = write_study(tmp_path)
     write(tmp_path, "full", 1e-3, 0, 80, 0.90)
     write(tmp_path, "sltrain", 1e-2, 0, 80, 0.95)
     write(tmp_path, "lowrank", 3e-2, 0, 80, 0.1)  # only full and sltrain run longer: never read
@@ -79,14 +80,7 @@ def test_paired_differences_and_the_longer_runs(tmp_path):
 
 
 def test_missing_and_diverged_seeds_pair_by_seed(tmp_path):
-    args = argparse.Namespace(sweep_steps=40, seed_steps=60, results=str(tmp_path), jobs=1, longer=0)
-    for m, finals in SWEEP.items():
-        for lr, val in finals.items():
-            write(tmp_path, m, lr, 0, 40, val)
-    for m, (lr, vals) in SEEDS.items():
-        for seed, val in zip(study.SEEDS, vals):
-            if not (m == "sltrain" and seed == 1):  # sltrain's seed 1 not run yet
-                write(tmp_path, m, lr, seed, 60, float("inf") if (m, seed) == ("lowrank", 2) else val)
+    args = write_study(tmp_path, skip=("sltrain", 1), diverged=("lowrank", 2))  # sltrain's seed 1 not run yet
     sweep, seeds, longer = study.collect(args, do_runs=False)
     study.report(args, sweep, seeds, longer)
     table = (tmp_path / "table.md").read_text()
