@@ -34,9 +34,13 @@ class ModelConfig:
     delta: float = 0.03
 
 
-# The paper's sizes (arXiv 2406.02214, GaLore configs), plus `tiny` for CPU work and tests.
+# The paper's sizes (arXiv 2406.02214, GaLore configs), plus `tiny` for CPU work and tests, and
+# `tiny-narrow`, a dense model within 5% of tiny sltrain's parameter count with the byte-level vocab
+# (`train.py --dry-run` prints both; ffn the multiple of 8 nearest 8/3 dim, as tiny's), the baseline that
+# benchmarks/why_sparse.py trains full-rank.
 CONFIGS = {
     "tiny": ModelConfig(dim=128, ffn_dim=344, n_heads=4, n_layers=4, rank=32, alpha=8.0, delta=0.03),
+    "tiny-narrow": ModelConfig(dim=88, ffn_dim=232, n_heads=4, n_layers=4, rank=32, alpha=8.0, delta=0.03),
     "60m": ModelConfig(dim=512, ffn_dim=1376, n_heads=8, n_layers=8, rank=128, alpha=32.0, delta=0.03),
     "130m": ModelConfig(dim=768, ffn_dim=2048, n_heads=12, n_layers=12, rank=256, alpha=16.0, delta=0.03),
     "350m": ModelConfig(dim=1024, ffn_dim=2736, n_heads=16, n_layers=24, rank=256, alpha=16.0, delta=0.03),

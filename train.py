@@ -42,6 +42,8 @@ from sltrain import METHODS, SLLinear, swap_linears
 PAPER_LRS = dict(full=3e-3, lowrank=3e-3, sltrain=3e-3)
 RECIPES = {
     "tiny": dict(steps=300, batch=16, eval_tokens=65_536, lr=dict(full=1e-3, lowrank=1e-2, sltrain=1e-2)),
+    # the dense model of tiny sltrain's size (model.py); tiny's lrs until benchmarks/why_sparse.py's sweep sets full's
+    "tiny-narrow": dict(steps=300, batch=16, eval_tokens=65_536, lr=dict(full=1e-3, lowrank=1e-2, sltrain=1e-2)),
     "60m": dict(steps=11_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
     "130m": dict(steps=22_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
     "350m": dict(steps=65_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
