@@ -153,12 +153,12 @@ def adamw_update_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))  # p -= lr m_hat / (sqrt(v_hat) + eps)
 
 
-def stochastic_round(src):
+def stochastic_round(src, generator=None):
     """src (fp32) rounded to one of its two bf16 neighbours (returned as fp32), the upper one with
     probability (src - lower) / (upper - lower): unbiased, E[result] = src, so updates far below half a
     bf16 ulp still move the weight on average. A bf16 is the top 16 bits of an fp32: add 16 random bits
     below them (a carry rounds the magnitude up), then drop those bits; a bf16 cast of it is exact."""
-    noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device)
+    noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device, generator=generator)
     return noise.add_(src.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)
 
 
@@ -178,6 +178,30 @@ def settle(optimizers):
 def _local(t):
     """A DTensor's local shard (FSDP2), else the tensor itself: we update whatever this rank holds."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def shard_rank(p):
+    """Which shard of p this rank holds under FSDP2 (its coordinate on the mesh's sharding dimension,
+    the last one), else None. Stochastic rounding folds it into its seed: shards draw independent
+    noise, while copies of the same values (DDP replicas, HSDP's replicated shards) draw the same."""
+    return p.device_mesh.get_coordinate()[-1] if hasattr(p, "device_mesh") else None
+
+
+def nonfinite_flags(grads):
+    """One device flag per gradient, 1.0 where it holds a NaN or Inf, with no host sync. An FSDP2
+    gradient (a DTensor) is ORed over its shards on every rank, all of the list's with one all-reduce
+    per process group, so every rank skips the same tensors."""
+    bad = [(~_local(g).isfinite().all()).float() for g in grads]
+    groups = {}
+    for i, g in enumerate(grads):
+        if hasattr(g, "device_mesh"):
+            groups.setdefault(g.device_mesh.get_group(), []).append(i)
+    for group, index in groups.items():
+        flags = torch.stack([bad[i] for i in index])
+        torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=group)
+        for i, flag in zip(index, flags.unbind()):
+            bad[i] = flag
+    return bad
 
 
 # (device, signed) -> Codebook, shared by every AdamW8bit: per-layer updates make one optimizer per
@@ -215,6 +239,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self.use_triton = use_triton
         self._pending = []  # (state, device flag) of this step's tensors, until settle()
         self.settle_in_step = True  # PerLayerOptimizer settles all its optimizers at once instead
+        self._noise = None  # the generator of this tensor's bf16 rounding noise (None: torch's RNG)
 
     def book(self, device, signed):
         key = (str(device), signed)
@@ -228,29 +253,23 @@ class AdamW8bit(torch.optim.Optimizer):
         return sum(s.get("skipped", 0) for s in self.state.values())
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, nonfinite=None):
+        """nonfinite: the gradients' flags from nonfinite_flags, when the caller has them already
+        (PerLayerOptimizer reconciles a whole FSDP2 unit at once); else computed here."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        bad = [(~_local(p.grad).isfinite().all()).float() for p, _ in todo]  # device flags, no sync
-        groups = {}  # FSDP2 shards: a NaN on any rank skips the tensor on every rank (a collective per mesh)
-        for i, (p, _) in enumerate(todo):
-            if hasattr(p.grad, "device_mesh"):
-                groups.setdefault(p.grad.device_mesh.get_group(), []).append(i)
-        for group, index in groups.items():
-            flags = torch.stack([bad[i] for i in index])
-            torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=group)
-            for i, flag in zip(index, flags.unbind()):
-                bad[i] = flag
-        for (p, group), flag in zip(todo, bad):
-            self._step_param(_local(p), _local(p.grad), self.state[p], group, flag.bool())
+        if nonfinite is None:
+            nonfinite = nonfinite_flags([p.grad for p, _ in todo])
+        for (p, group), flag in zip(todo, nonfinite):
+            self._step_param(_local(p), _local(p.grad), self.state[p], group, flag.bool(), shard_rank(p))
         if self.settle_in_step:
             settle([self])
         return loss
 
-    def _step_param(self, p, g, state, group, bad):
+    def _step_param(self, p, g, state, group, bad, shard=None):
         if not state:  # lazy init; a 0-element FSDP2 shard gets 0-element state
             state["step"], state["skipped"] = 0, 0
             if group["fp32_state"] or p.numel() < group["min_8bit_size"]:
@@ -266,9 +285,14 @@ class AdamW8bit(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"])
         if "exp_avg" not in state and (self.use_triton or (self.use_triton is None and p.is_cuda and triton is not None)):
-            adamw8bit_triton_(p, g, state, self.book(p.device, True), self.book(p.device, False), *hyper, skip=bad)
-        else:
-            self._step_torch(p, g, state, hyper, bad)
+            adamw8bit_triton_(p, g, state, self.book(p.device, True), self.book(p.device, False), *hyper, skip=bad,
+                              shard=shard)
+            return
+        self._noise = None  # bf16 rounding noise: torch's RNG, or under FSDP2 a stream of this shard's own
+        if shard is not None and p.dtype == torch.bfloat16:  # seed drawn from the CPU RNG: no device sync
+            seed = int(torch.randint(0, 2**62, ())) + shard
+            self._noise = torch.Generator(p.device).manual_seed(seed)
+        self._step_torch(p, g, state, hyper, bad)
 
     def _step_torch(self, p, g, state, hyper, bad):
         """The update in PyTorch, one L2-sized slice at a time (no full-size fp32 temporaries): fp32
@@ -305,7 +329,8 @@ class AdamW8bit(torch.optim.Optimizer):
         """Write the updated values back, unless `bad`: as they are for fp32, stochastically rounded
         for bf16."""
         old = p[start:end]
-        old.copy_(torch.where(bad, old.float(), p32 if p.dtype == torch.float32 else stochastic_round(p32)))
+        old.copy_(torch.where(bad, old.float(), p32 if p.dtype == torch.float32 else
+                                      stochastic_round(p32, self._noise)))
 
     def load_state_dict(self, state_dict):
         # torch would cast floating state to the parameter's dtype (right for its AdamW); here the
@@ -332,7 +357,7 @@ if triton is not None:
     def _quantize_tile(x, lut_count_ptr, lut_threshold_ptr):
         """x (BLOCKS, 256) fp32 -> codes (BLOCKS, 256) uint8, absmax (BLOCKS,): Codebook.quantize_."""
         absmax = tl.max(tl.abs(x), axis=1)
-        x = x / tl.where(absmax > 0, absmax, 1.0)[:, None]
+        x = tl.div_rn(x, tl.where(absmax > 0, absmax, 1.0)[:, None])
         bucket = (x.to(tl.int32, bitcast=True) >> 16) + 32768
         codes = tl.load(lut_count_ptr + bucket) + (x > tl.load(lut_threshold_ptr + bucket)).to(tl.uint8)
         return codes, absmax
@@ -359,8 +384,10 @@ if triton is not None:
         p = p * decay
         m = m + one_minus_beta1 * (g - m)
         v = v * beta2 + one_minus_beta2 * g * g
-        denom = tl.sqrt(v) / bias2_sqrt + eps
-        p = p + (-step_size * m) / denom
+        # IEEE round-to-nearest, as torch and the interpreter: compiled `sqrt` and `/` are approximate
+        # (a few ulp, subnormals flushed to 0), and a v whose block absmax is subnormal would lose them
+        denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+        p = p + tl.div_rn(-step_size * m, denom)
         if STOCHASTIC:  # a bf16 weight: stochastic_round (16 random bits under the kept 16, then drop them)
             noise = (tl.randint(tl.load(seed_ptr), offs) & 0xFFFF).to(tl.int32)
             p = ((p.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
@@ -374,15 +401,19 @@ if triton is not None:
         tl.store(v_absmax_ptr + rows, v_absmax, mask=row_mask)
 
 
-def adamw8bit_triton_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight_decay, step, blocks=4, skip=None):
+def adamw8bit_triton_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight_decay, step, blocks=4, skip=None,
+                      shard=None):
     """The fused kernel over one tensor; same arguments as AdamW8bit's PyTorch path. skip: a 0-dim
-    device flag; when set, the kernel writes nothing."""
+    device flag; when set, the kernel writes nothing. shard: shard_rank(p), folded into the seed."""
     n = p.numel()
     if n == 0:
         return
     grid = (triton.cdiv(n, BLOCK * blocks),)
     # the rounding noise's seed, drawn on the device from torch's RNG (checkpointed; no host sync)
-    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=p.device)
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=p.device)
+    if shard is not None:  # Philox streams of other seeds are independent: one per FSDP2 shard
+        seed = (seed + shard * 0x3C6EF372) % (2**31 - 1)
+    seed = seed.int()
     _adamw8bit_kernel[grid](p, g.contiguous(), state["m_codes"], state["m_absmax"], state["v_codes"], state["v_absmax"],
                             book_m.values, book_m.lut_count, book_m.lut_threshold,
                             book_v.values_floored, book_v.lut_count, book_v.lut_threshold,
@@ -413,9 +444,15 @@ class PerLayerOptimizer:
     Global grad-norm clipping needs every gradient at once and cannot work: clip_grad_norm_ raises.
     Under DDP the hooks would fire before the all-reduce: do not combine them. Under FSDP2 they
     fire on this rank's reduced shard, which AdamW8bit updates as it is.
+
+    units: lists of parameter names whose gradients arrive together, FSDP2's units (one reduce-
+    scatter each, whose hooks then run back to back). A unit's parameters step when its last one
+    arrives, after one all-reduce of the whole unit's non-finite flags (nonfinite_flags): a
+    collective per unit (~33 per step at 7b), not per parameter (~740), each launched on FSDP2's
+    reduce-scatter stream. Without units every parameter steps at once in its own hook.
     """
 
-    def __init__(self, params, make_optimizer, grad_accum_steps=1):
+    def __init__(self, params, make_optimizer, grad_accum_steps=1, units=None):
         if grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
         named = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(params)]
@@ -431,6 +468,15 @@ class PerLayerOptimizer:
         self.grad_accum_steps = grad_accum_steps
         self._of = {p: self.optimizers[name] for name, p in self.params.items()}
         self._backwards = {p: 0 for p in self._of}  # backward passes accumulated since p's last step
+        units = [[n for n in unit if n in self.params] for unit in units or []]
+        in_units = {n for unit in units for n in unit}
+        units = [unit for unit in units if unit] + [[n] for n in self.params if n not in in_units]
+        self._unit = {}  # parameter -> the list of its unit's parameters
+        for unit in units:
+            members = [self.params[n] for n in unit]
+            for p in members:
+                self._unit[p] = members
+        self._ready = {}  # id of a unit -> its parameters whose gradient is complete, not yet stepped
         self._stepped = 0  # parameters stepped since the last step() call
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._of]
 
@@ -446,9 +492,20 @@ class PerLayerOptimizer:
         if self._backwards[p] < self.grad_accum_steps:
             return  # not the last micro-step: leave the gradient to accumulate
         self._backwards[p] = 0
-        self._of[p].step()
-        p.grad = None
-        self._stepped += 1
+        unit = self._unit[p]
+        ready = self._ready.setdefault(id(unit), [])
+        ready.append(p)
+        if len(ready) == len(unit):
+            self._step_unit(self._ready.pop(id(unit)))
+
+    def _step_unit(self, params):
+        """Step these parameters, with one reconciliation of their non-finite flags, and free their gradients."""
+        eight_bit = [p for p in params if isinstance(self._of[p], AdamW8bit)]
+        flags = dict(zip(eight_bit, nonfinite_flags([p.grad for p in eight_bit])))
+        for p in params:
+            self._of[p].step(nonfinite=[flags[p]]) if p in flags else self._of[p].step()
+            p.grad = None
+        self._stepped += len(params)
 
     def step(self):
         """The updates already ran inside backward; raise if they did not all complete."""
@@ -457,6 +514,9 @@ class PerLayerOptimizer:
             raise RuntimeError(f"{len(partial)} parameters (first: {partial[0]}) saw a number of backward passes that "
                                f"is not a multiple of grad_accum_steps={self.grad_accum_steps}; call step() only "
                                f"after the last micro-step")
+        for unit in list(self._ready.values()):  # a unit some of whose parameters got no gradient
+            self._step_unit(unit)  # (the same on every rank: FSDP2 reduces the same parameters everywhere)
+        self._ready.clear()
         if self._stepped == 0:
             raise RuntimeError("no parameter was updated since the last step(): no backward ran, or remove() was called")
         self._stepped = 0

@@ -206,8 +206,14 @@ def build_optimizer(model, args):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         # FSDP2 skips the reduce-scatter on all but the last micro-step (parallel.no_sync), and only
         # then does a shard's gradient (and its hook) arrive: one hook call per step. In one process
-        # every micro-step's backward calls the hook.
-        return PerLayerOptimizer(named, make, grad_accum_steps=1 if args.dist == "fsdp" else args.grad_accum)
+        # every micro-step's backward calls the hook. FSDP2's units (parallel.parallelize: each block,
+        # then the root) reconcile their non-finite flags once each.
+        units = None
+        if args.dist == "fsdp":
+            units = [[n for n, _ in named if n.startswith(f"blocks.{i}.")] for i in range(len(model.blocks))]
+            units.append([n for n, _ in named if not n.startswith("blocks.")])
+        return PerLayerOptimizer(named, make, grad_accum_steps=1 if args.dist == "fsdp" else args.grad_accum,
+                                 units=units)
     return make([p for p in model.parameters() if p.requires_grad])
 
 

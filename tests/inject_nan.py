@@ -32,6 +32,16 @@ def build(model, args):
 
 
 train.build_optimizer = build
+if os.environ.get("OPTIM_ALL_REDUCES"):  # count the all-reduces the optimizer launches (its skip flags)
+    real_all_reduce, calls = torch.distributed.all_reduce, []
+
+    def counting(*args, **kwargs):
+        calls.extend(["optim"] if sys._getframe(1).f_code.co_filename.endswith("optim.py") else [])
+        return real_all_reduce(*args, **kwargs)
+    torch.distributed.all_reduce = counting
 train.main(sys.argv[1:])
+if os.environ.get("OPTIM_ALL_REDUCES"):
+    with open(f"{os.environ['OPTIM_ALL_REDUCES']}.rank{RANK}", "w") as f:
+        f.write(str(len(calls)))
 sys.stdout.flush()
 os._exit(0)  # skip interpreter teardown: gloo FSDP2 can abort there after a correct run (REFERENCE §6)

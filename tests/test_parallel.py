@@ -178,8 +178,14 @@ def test_a_nan_on_one_rank_is_skipped_by_every_rank(data_dir, single_nan, tmp_pa
     not in others. Every rank must skip the same tensors as one process does with the whole tensor:
     the same skipped count in the log, and the same losses after (fp32: 1e-4, as above)."""
     r = torchrun(*NAN, "--batch-size", "2", "--data", data_dir, "--out-dir", str(tmp_path), "--dist", "fsdp",
-                 *per_layer, script="tests/inject_nan.py", NAN_STEP="3", NAN_ROW="2")
+                 *per_layer, script="tests/inject_nan.py", NAN_STEP="3", NAN_ROW="2",
+                 OPTIM_ALL_REDUCES=str(tmp_path / "all_reduces"))
     assert r.returncode == 0, r.stderr[-3000:]
+    # the flags are reconciled once per step (global) or once per FSDP2 unit (per-layer: 4 blocks and the
+    # root), never once per parameter (95 of them): a collective per parameter serializes against the
+    # reduce-scatters on a GPU
+    calls = [int(open(f"{tmp_path / 'all_reduces'}.rank{rank}").read()) for rank in (0, 1)]
+    assert calls[0] == calls[1] == 5 * (5 if per_layer else 1), calls
     reference = skips(single_nan)
     assert reference[2] == 0 < reference[3] == reference[5]  # the NaN reached some tensors at step 3, only then
     assert skips(tmp_path) == reference
@@ -197,3 +203,18 @@ def test_ddp_replicas_round_bf16_weights_alike(data_dir, tmp_path):
     a, b = (torch.load(tmp_path / f"replica{rank}.pt", weights_only=True) for rank in (0, 1))
     assert a.keys() == b.keys() and any(v.dtype == torch.bfloat16 for v in a.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_fsdp_shards_round_bf16_weights_independently(tmp_path, path):
+    """Two FSDP2 shards with equal values and equal gradients: stochastic rounding must draw other bits
+    on each shard (the rank folded into the seed), or shard i's element k always rounds like shard j's
+    element k. Here each element rounds down with probability ~1/2, so independent shards differ in
+    about half of their 4,096 elements; shared noise makes them equal."""
+    r = torchrun(path, script="tests/shard_noise.py", OUT=str(tmp_path / "shard"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"shard.rank{rank}.pt") for rank in (0, 1))
+    assert a.shape == b.shape == (8, 512) and a.dtype == torch.bfloat16
+    for shard in (a, b):  # the rounding works on each shard: some elements moved down, others stayed
+        assert 0.3 < (shard < 1).float().mean() < 0.7
+    assert 0.3 < (a != b).float().mean() < 0.7
