@@ -49,13 +49,12 @@ At T = 8192 (break-even f is the f at which the factorized route equals dense nn
   | 1b gate, up, down   | 2048:5461  |  5.5 GB          | 1.08        | 0.34     | 0.046        | 1.84 / 1.09    |
   | 7b q/k/v/o          | 4096:4096  | 13.7 GB          | 1.17        | 0.50     | 0.100        | 3.00 / 1.75    |
   | 7b gate, up, down   | 4096:11008 | 36.9 GB          | 1.17        | 0.34     | 0.076        | 2.84 / 1.59    |
-An H100 matmul sustains ~650 bf16 TFLOP/s; gathers served at L2 speed (~5-10 TB/s) give
-~5-10 TFLOP/s (f ~ .01), at L1 speed (~20-30 TB/s) ~20-30 TFLOP/s (f ~ .04). Tensor cores cannot
-rescue it: a dense tile of S at 3-5% density costs the whole tile product, so tl.dot on
-densified tiles gives f ~ delta at best (each sparse product as dear as a dense one, a ratio
-of low-rank + 1 > 1). The model therefore predicts the factorized route
-beats dense nn.Linear at training shapes only if the sparse kernels sustain f >= .05-.10; it
-wins at small T (decoding, small micro-batches), where the dense route's 4 in out r densify
+An H100 matmul sustains ~650 bf16 TFLOP/s; gathers served at L2 speed (~5-10 TB/s) give ~5-10 TFLOP/s (f
+~ .01), at L1 speed (~20-30 TB/s) ~20-30 TFLOP/s (f ~ .04). Tensor cores cannot rescue it: a dense tile
+of S at 3-5% density costs the whole tile product, so tl.dot on densified tiles gives f ~ delta at best
+(each sparse product as dear as a dense one, a ratio of low-rank + 1 > 1). The model therefore predicts
+the factorized route beats dense nn.Linear at training shapes only if the sparse kernels sustain f >=
+.05-.10; it wins at small T (decoding, small micro-batches), where the dense route's 4 in out r densify
 cost dominates. `python kernels.py --bench` measures f; set sltrain.SPARSE_SPEED from it.
 Memory: nothing of size (out, in), ever. Saved for backward besides the inputs: z = x A^T
 (T, r). Workspace: TOKEN_CHUNK (in + out) transposed elements, dz (T, r), dvalues in fp32.
@@ -170,7 +169,8 @@ def sddmm_kernel(dvalues_ptr, dy_t_ptr, x_t_ptr, indices_ptr, row_ptr_ptr,
                  T, n_out, n_in, stride_dy, stride_x,
                  ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, TOKENS_PER_PROGRAM: tl.constexpr):
     """dvalues[e] += sum_t dy^T[i_e, t] x^T[j_e, t] over this program's TOKENS_PER_PROGRAM tokens,
-    for the entries of BLOCK_ROWS rows i of S. Programs over other token ranges add atomically."""
+    for the entries of BLOCK_ROWS rows i of S. Programs over other token ranges add atomically, with relaxed
+    ordering: only the sum counts, nothing reads dvalues before the kernel ends (acq_rel fences every add)."""
     i = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (BLOCK_ROWS,) rows of S
     t_first = tl.program_id(1) * TOKENS_PER_PROGRAM
     i_ok = i < n_out
@@ -189,7 +189,7 @@ def sddmm_kernel(dvalues_ptr, dy_t_ptr, x_t_ptr, indices_ptr, row_ptr_ptr,
             dy = tl.load(dy_rows + t[None, :], mask=mask, other=0).to(ACC)  # (BLOCK_ROWS, BLOCK_T), cache-hot across k
             x = tl.load(x_rows + t[None, :], mask=mask, other=0).to(ACC)  # (BLOCK_ROWS, BLOCK_T) gathered
             acc += tl.sum(dy * x, axis=1)
-        tl.atomic_add(dvalues_ptr + e, acc, mask=live)
+        tl.atomic_add(dvalues_ptr + e, acc, mask=live, sem="relaxed")
 
 
 # -----------------------------------------------------------------------------

@@ -63,3 +63,29 @@ def test_occupancy_follows_the_sm_rules():
     assert kernels.occupancy(32, 60 * 1024, 4, 90) == 12 / 64  # 228 / 61 = 3 on an H100, 164 / 61 = 2 on an A100
     assert kernels.occupancy(32, 60 * 1024, 4, 80) == 8 / 64
     assert kernels.occupancy(32, 57 * 1024, 4, 90) == 12 / 64  # 57 KB + the 1 KB CUDA reserves: 3 blocks, not 4
+
+
+# sddmm's compiled atomics, per launch dtype: PTX names the memory order in each atom/red instruction
+SDDMM_ATOMICS = r"""
+import json, re, triton, kernels
+from triton.backends.compiler import GPUTarget
+for name, dtype, fn, types, constexprs, num_warps in kernels.launches():
+    if fn is kernels.sddmm_kernel:
+        signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
+        k = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=num_warps))
+        print(json.dumps([dtype, re.findall(r"\b(?:atom|red)\.[\w.]+", k.asm["ptx"])]))
+"""
+
+
+def test_sddmm_adds_with_relaxed_atomics_on_sm90():
+    """Programs over different token ranges only sum into dvalues: relaxed atomics, not Triton's default
+    acq_rel, which fences the memory system at every add."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", SDDMM_ATOMICS], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    atomics = dict(json.loads(line) for line in out.stdout.splitlines())
+    assert set(atomics) == {"bf16", "fp32", "fp64"}, atomics
+    for dtype, instructions in atomics.items():
+        assert instructions and all(".relaxed." in i and "acq_rel" not in i for i in instructions), (dtype, instructions)
