@@ -148,7 +148,8 @@ def plot(folder, run, rank, delta, rows):
     for name, row in rows:
         kind = name.split(".", 2)[2]
         s = row["s"] / row["s"][0]
-        ax.plot(range(1, len(s) + 1), s, color=colors[kind], alpha=0.7, lw=1, label=kind if name.startswith("blocks.0.") else None)
+        ax.plot(range(1, len(s) + 1), s, color=colors[kind], alpha=0.7, lw=1,
+                label=kind if name.startswith("blocks.0.") else None)
     ax.axvline(rank, color="k", ls=":", label=f"r = {rank}")
     ax.set(yscale="log", xlabel="index i", ylabel="s_i / s_1", title=f"{run}: singular values of every block linear")
     ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(os.path.join(folder, "singular_values.png"), dpi=100)

@@ -3,7 +3,7 @@ Does sparse plus low-rank close the gap? full / lowrank / sltrain on the tiny mo
 
     python benchmarks/study.py                 # the whole study: lr sweep, then 3 seeds at each best lr
     python benchmarks/study.py --plot          # the table and the PNGs from the committed logs only
-    python benchmarks/study.py --longer 4800   # then full and sltrain, seed 0, twice the tokens (~40 min)
+    python benchmarks/study.py --longer 4800   # then full, lowrank and sltrain, seed 0, twice the tokens (~1 h)
     python benchmarks/study.py --sweep-steps 4 --seed-steps 6 --results /tmp/study   # a smoke test
 
 1. lr sweep: each method at lr in {1e-4, 3e-4, 1e-3, 3e-3, 1e-2} (log-spaced, GaLore's range), seed 0,
@@ -16,16 +16,20 @@ on 2 cores (medians over the committed logs): two 1-thread runs make 17.8k (full
 Cost there: ~3.7 min per 1-thread sweep run, ~19.5 min per 1-thread seed run, ~11 min per 2-thread seed
 run: about 2 h for the whole study (README, Results).
 Every run is a plain `train.py` run in its own out-dir under --runs. A finished run's log.jsonl is
-copied to --results/<name>.jsonl (commit those): a run whose log is there is skipped, and a run cut
-short resumes from its checkpoint, so the study can stop and go on, on another machine too.
+copied to --results/<name>.jsonl (commit those), its config's paths inside the repository (data, out_dir,
+argv) made relative to it: a run whose log is there is skipped, a finished log in its out-dir (the same
+command run by hand) is copied, not rerun, and a run cut short resumes from its checkpoint, so the study
+can stop and go on, on another machine too. benchmarks/why_sparse.py queues its runs the same way.
 Then it prints the table (mean +- sd over seeds, the fraction of the low-rank -> full-rank gap that
 sltrain closes) and, if matplotlib is installed (only this script needs it), writes three PNGs:
 val loss vs tokens (seed bands), final val loss vs lr, and the paper's Figure-1 view: memory
 (train.py --dry-run's estimate) vs final val loss.
 
-Status: run in full on the project's CPU machine; every run's log is in benchmarks/results/study/.
+Status: run in full on the project's CPU machine, --longer 4800 for full and sltrain (lowrank pending);
+every run's log is in benchmarks/results/study/.
 """
 import argparse
+import collections
 import concurrent.futures
 import json
 import math
@@ -41,6 +45,8 @@ METHODS = ("full", "lowrank", "sltrain")
 LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # log-spaced, two per decade
 LRS = LADDER[2:7]  # the sweep: 1e-4 ... 1e-2 (GaLore's range), one rung further while the best is at an edge
 SEEDS = (0, 1, 2)
+# one train.py run: the tiny model unless `model`; rank and delta given for an ablation setting (else the size's)
+Task = collections.namedtuple("Task", "method lr seed steps model rank delta", defaults=("tiny", None, None))
 
 
 def get_args():
@@ -51,7 +57,7 @@ def get_args():
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "study"),
                    help="finished runs' log.jsonl, the table and the PNGs (default: benchmarks/results/study)")
     p.add_argument("--plot", action="store_true", help="only the table and plots, from the logs in --results")
-    p.add_argument("--longer", type=int, default=0, metavar="STEPS", help="then full and sltrain once more, seed 0 "
+    p.add_argument("--longer", type=int, default=0, metavar="STEPS", help="then each method once more, seed 0 "
                    "at their best lr for STEPS steps: does more data change their order? (default: 0, off)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores/jobs threads (default: 2, "
                    "8-13%% more tokens/s than one run at a time on 2 cores, measured)")
@@ -64,8 +70,11 @@ def get_args():
     return args
 
 
-def name_of(method, lr, seed, steps):
-    return f"{method}-lr{lr:g}-seed{seed}-steps{steps}"
+def name_of(task):
+    """full-lr0.001-seed0-steps2400; sltrain-r32-d0.1-lr0.01-seed0-steps2400; tiny-narrow-full-lr0.001-seed0-steps400"""
+    model = "" if task.model == "tiny" else task.model + "-"
+    setting = "" if task.rank is None else f"-r{task.rank}-d{task.delta:g}"
+    return f"{model}{task.method}{setting}-lr{task.lr:g}-seed{task.seed}-steps{task.steps}"
 
 
 def read_log(path):
@@ -83,16 +92,43 @@ def say(line):
     sys.stdout.flush()
 
 
-def run(args, method, lr, seed, steps, threads=None):
-    """One train.py run, skipped when its log is already in --results; returns its records."""
-    name = name_of(method, lr, seed, steps)
+def relative(records):
+    """The records with the config record's paths inside the repository (data, out_dir, argv) made relative to
+    it, so a committed log names no machine's folders; paths outside it are kept."""
+    def rel(path):
+        inside = isinstance(path, str) and os.path.isabs(path) and os.path.commonpath([ROOT, path]) == ROOT
+        return os.path.relpath(path, ROOT) if inside else path
+    out = []
+    for r in records:
+        if r.get("type") == "config":
+            r = dict(r, **{k: rel(r[k]) for k in ("data", "out_dir") if k in r})
+            r["argv"] = [rel(a) for a in r.get("argv", [])]
+        out.append(r)
+    return out
+
+
+def keep(args, name, records):
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, name + ".jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in relative(records))
+
+
+def run(args, task, threads=None):
+    """One train.py run, skipped when its log is already in --results, copied there when its out-dir under --runs
+    holds a finished log (a run queued by hand: the same command); returns its records."""
+    name, (method, lr, seed, steps, model, rank, delta) = name_of(task), task
     kept = os.path.join(args.results, name + ".jsonl")
     if os.path.exists(kept) and final_val(read_log(kept), steps) is not None:
         return read_log(kept)
     out = os.path.join(args.runs, name)
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--method", method, "--lr", str(lr),
+    log = os.path.join(out, "log.jsonl")
+    if os.path.exists(log) and final_val(read_log(log), steps) is not None:
+        keep(args, name, read_log(log))
+        return read_log(kept)
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--method", method, "--lr", str(lr),
            "--seed", str(seed), "--max-steps", str(steps), "--log-every", str(max(1, steps // 40)),
            "--eval-every", str(max(1, steps // 10)), "--out-dir", out]
+    cmd += [] if rank is None else ["--rank", str(rank), "--delta", str(delta)]
     if os.path.exists(os.path.join(out, "ckpt.pt")):
         cmd.append("--resume")  # a run cut short goes on where its last checkpoint left it
     elif os.path.exists(out):
@@ -108,10 +144,8 @@ def run(args, method, lr, seed, steps, threads=None):
     elif result.returncode != 0:
         raise RuntimeError(f"{name} failed: {last}")
     say(f"study: {name}: final val loss {final_val(records, steps):.4f} ({(time.time() - t0) / 60:.1f} min)")
-    os.makedirs(args.results, exist_ok=True)
-    with open(kept, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return records
+    keep(args, name, records)
+    return read_log(kept)
 
 
 def memory_gb(method):
@@ -121,67 +155,77 @@ def memory_gb(method):
     return json.loads(out.strip().splitlines()[-1])["est_memory_gb"]
 
 
-def collect(args, do_runs):
-    """sweep[method][lr] -> final val loss; seeds[method] -> (best lr, {seed: records});
-    longer[method] -> records of the --longer run (full and sltrain).
-    Runs go --jobs at a time: first the sweep (widened until every best lr is inside its grid), then the seeds.
-    --plot (do_runs False) reads the kept logs only, and finds --longer runs by their names."""
-    def kept(m, lr, s, n):
-        path = os.path.join(args.results, name_of(m, lr, s, n) + ".jsonl")
-        return read_log(path) if os.path.exists(path) else None
+def kept(args, task):
+    """The records of the task's log in --results, or None."""
+    path = os.path.join(args.results, name_of(task) + ".jsonl")
+    return read_log(path) if os.path.exists(path) else None
 
-    def many(tasks):  # [(method, lr, seed, steps)] -> their records, in order
-        if not do_runs:
-            return [kept(*t) for t in tasks]
-        todo = [t for t in tasks if not kept(*t) or final_val(kept(*t), t[3]) is None]
-        together = todo[:len(todo) - len(todo) % args.jobs] if args.jobs > 1 else []  # the odd ones out run
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)  # after, one at a time on every thread
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run, args, *t, threads=threads) for t in together]
-            try:
-                for f in concurrent.futures.as_completed(futures):
-                    f.result()
-            except BaseException:  # a failed run or Ctrl-C: start nothing more
-                for f in futures:
-                    f.cancel()
-                raise
-        return [run(args, *t) for t in tasks]  # those done above are read back from --results
 
-    sweep = {m: {} for m in METHODS}
-    grid = {m: list(LRS) for m in METHODS}
-    todo = [(m, lr) for m in METHODS for lr in LRS]
+def run_all(args, tasks, do_runs=True):
+    """[Task] -> their records, in order (None for a log not in --results when do_runs is False). Runs go --jobs
+    at a time, each on cores/jobs threads; the odd ones out after, one at a time on every thread."""
+    if not do_runs:
+        return [kept(args, t) for t in tasks]
+    todo = [t for t in tasks if not kept(args, t) or final_val(kept(args, t), t.steps) is None]
+    together = todo[:len(todo) - len(todo) % args.jobs] if args.jobs > 1 else []
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run, args, t, threads=threads) for t in together]
+        try:
+            for f in concurrent.futures.as_completed(futures):
+                f.result()
+        except BaseException:  # a failed run or Ctrl-C: start nothing more
+            for f in futures:
+                f.cancel()
+            raise
+    return [run(args, t) for t in tasks]  # those done above are read back from --results
+
+
+def sweep_lrs(args, keys, task_of, do_runs=True):
+    """The lr sweep of each key (a method): task_of(key, lr) -> its Task at --sweep-steps. Starts on LRS and, while
+    a key's best lr is its grid's edge, adds one rung on that side. -> (sweep {key: {lr: final val loss}},
+    best {key: lr} for the keys whose sweep is complete)."""
+    sweep, grid = {k: {} for k in keys}, {k: list(LRS) for k in keys}
+    todo = [(k, lr) for k in keys for lr in LRS]
     while todo:
-        for (m, lr), records in zip(todo, many([(m, lr, 0, args.sweep_steps) for m, lr in todo])):
+        for (k, lr), records in zip(todo, run_all(args, [task_of(k, lr) for k, lr in todo], do_runs)):
             if records and final_val(records, args.sweep_steps) is not None:
                 v = final_val(records, args.sweep_steps)
-                sweep[m][lr] = v if math.isfinite(v) else math.inf  # a diverged run is the worst, not a NaN
+                sweep[k][lr] = v if math.isfinite(v) else math.inf  # a diverged run is the worst, not a NaN
         todo = []
-        for m in METHODS:
-            if len(sweep[m]) < len(grid[m]):
+        for k in keys:
+            if len(sweep[k]) < len(grid[k]):
                 continue  # the sweep is not complete: no best lr yet
-            best, i = min(sweep[m], key=sweep[m].get), LADDER.index(min(grid[m]))
-            j = LADDER.index(max(grid[m]))
+            best, i = min(sweep[k], key=sweep[k].get), LADDER.index(min(grid[k]))
+            j = LADDER.index(max(grid[k]))
             edge = i - 1 if best == LADDER[i] and i > 0 else j + 1 if best == LADDER[j] and j + 1 < len(LADDER) else None
             if edge is not None:  # the best lr is the grid's edge: one rung further on that side
-                grid[m].append(LADDER[edge])
-                todo.append((m, LADDER[edge]))
-    complete = [m for m in METHODS if len(sweep[m]) == len(grid[m])]
-    best = {m: min(sweep[m], key=sweep[m].get) for m in complete}
+                grid[k].append(LADDER[edge])
+                todo.append((k, LADDER[edge]))
+    return sweep, {k: min(sweep[k], key=sweep[k].get) for k in keys if len(sweep[k]) == len(grid[k])}
+
+
+def collect(args, do_runs):
+    """sweep[method][lr] -> final val loss; seeds[method] -> (best lr, {seed: records});
+    longer[method] -> records of the --longer run (full and sltrain, and lowrank where it is there).
+    First the sweep (widened until every best lr is inside its grid), then the seeds, then --longer.
+    --plot (do_runs False) reads the kept logs only, and finds --longer runs by their names."""
+    sweep, best = sweep_lrs(args, METHODS, lambda m, lr: Task(m, lr, 0, args.sweep_steps), do_runs)
     if not do_runs and not args.longer:  # --plot: the longest full and sltrain seed-0 runs both have, if any
         steps = [{int(n[:-6].rsplit("steps", 1)[1]) for n in os.listdir(args.results)
                   if n.startswith(f"{m}-lr{best[m]:g}-seed0-steps") and n.endswith(".jsonl")} if m in best else set()
                  for m in ("full", "sltrain")]
         args.longer = max((n for n in steps[0] & steps[1] if n > args.seed_steps), default=0)
-    tasks = [(m, best[m], s, args.seed_steps) for m in complete for s in SEEDS]
+    tasks = [Task(m, best[m], s, args.seed_steps) for m in best for s in SEEDS]
     n_seeds = len(tasks)
-    tasks += [(m, best[m], 0, args.longer) for m in ("full", "sltrain") if m in complete and args.longer]
-    seeds, longer = {m: (best[m], {}) for m in complete}, {}
-    for i, ((m, _, seed, steps), records) in enumerate(zip(tasks, many(tasks))):
-        if records and final_val(records, steps) is not None:
+    tasks += [Task(m, best[m], 0, args.longer) for m in METHODS if m in best and args.longer]
+    seeds, longer = {m: (best[m], {}) for m in best}, {}
+    for i, (task, records) in enumerate(zip(tasks, run_all(args, tasks, do_runs))):
+        if records and final_val(records, task.steps) is not None:
             if i < n_seeds:
-                seeds[m][1][seed] = records
+                seeds[task.method][1][task.seed] = records
             else:
-                longer[m] = records
+                longer[task.method] = records
     return sweep, seeds, longer
 
 
@@ -215,13 +259,18 @@ def report(args, sweep, seeds, longer):
     if pairs:
         lines += ["", f"sltrain - full, seeds {', '.join(map(str, pairs))}: " +
                   ", ".join(f"{finals['sltrain'][s] - finals['full'][s]:+.4f}" for s in pairs)]
-    if len(longer) == 2:
+    if "full" in longer and "sltrain" in longer:
         at = {m: {r["step"]: r["val_loss"] for r in longer[m] if r["type"] == "eval"} for m in longer}
-        steps = sorted(set(at["full"]) & set(at["sltrain"]))
-        lines += ["", f"seed 0 for {args.longer} steps ({args.longer * 4096 / 1e6:.1f}M tokens), same lrs, val loss:", "",
-                  "| step | full | sltrain | sltrain - full |", "|---|---|---|---|"]
-        lines += [f"| {n} | {at['full'][n]:.4f} | {at['sltrain'][n]:.4f} | {at['sltrain'][n] - at['full'][n]:+.4f} |"
-                  for n in steps]
+        low = at.get("lowrank", {})
+
+        def closed(n):  # (lowrank - sltrain) / (lowrank - full) at step n, '-' without a lowrank run
+            return f"{(low[n] - at['sltrain'][n]) / (low[n] - at['full'][n]):.2f}" if n in low else "-"
+        lines += ["", f"seed 0 for {args.longer} steps ({args.longer * 4096 / 1e6:.1f}M tokens), same lrs, val loss "
+                  "(- = not run yet):", "", "| step | full | lowrank | sltrain | sltrain - full | gap closed |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {at['full'][n]:.4f} | {f'{low[n]:.4f}' if n in low else '-'} | {at['sltrain'][n]:.4f} | "
+                  f"{at['sltrain'][n] - at['full'][n]:+.4f} | {closed(n)} |"
+                  for n in sorted(set(at["full"]) & set(at["sltrain"]))]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.results, exist_ok=True)

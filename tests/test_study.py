@@ -1,12 +1,17 @@
-"""benchmarks/study.py: which lr it picks, when it widens the grid, and the table's arithmetic, on logs
-written here by hand (no training): the references are the numbers put into those logs, worked by hand."""
+"""benchmarks/study.py and benchmarks/why_sparse.py: which lr they pick, when the grid widens, which runs they
+queue, and the tables' arithmetic, on logs written here by hand (no training): the references are the numbers
+put into those logs, worked by hand."""
 import argparse
 import json
+import math
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import study  # noqa: E402
+import why_sparse  # noqa: E402
 
 SWEEP = {  # final val loss per lr: full's best is inside the grid, lowrank's and sltrain's at its top edge
     "full": {1e-4: 3.0, 3e-4: 2.0, 1e-3: 1.5, 3e-3: 1.7, 1e-2: 2.5},
@@ -16,8 +21,9 @@ SWEEP = {  # final val loss per lr: full's best is inside the grid, lowrank's an
 SEEDS = {"full": (1e-3, [1.0, 1.1, 1.2]), "lowrank": (3e-2, [2.0, 2.1, 2.2]), "sltrain": (1e-2, [1.5, 1.5, 1.5])}
 
 
-def write(folder, method, lr, seed, steps, val):
-    with open(os.path.join(folder, study.name_of(method, lr, seed, steps) + ".jsonl"), "w") as f:
+def write(folder, method, lr, seed, steps, val, **setting):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, study.name_of(study.Task(method, lr, seed, steps, **setting)) + ".jsonl"), "w") as f:
         f.write(json.dumps({"type": "config", "lr": lr}) + "\n")
         f.write(json.dumps({"type": "eval", "step": steps, "val_loss": val}) + "\n")
 
@@ -70,13 +76,18 @@ def test_paired_differences_and_the_longer_runs(tmp_path):
     args = write_study(tmp_path)
     write(tmp_path, "full", 1e-3, 0, 80, 0.90)
     write(tmp_path, "sltrain", 1e-2, 0, 80, 0.95)
-    write(tmp_path, "lowrank", 3e-2, 0, 80, 0.1)  # only full and sltrain run longer: never read
+    write(tmp_path, "lowrank", 1e-2, 0, 80, 0.1)  # not lowrank's best lr (3e-2): never read
     sweep, seeds, longer = study.collect(args, do_runs=False)  # --plot finds the 80-step runs by their names
     assert sorted(longer) == ["full", "sltrain"] and args.longer == 80
     study.report(args, sweep, seeds, longer)
     table = (tmp_path / "table.md").read_text()
     assert "sltrain - full, seeds 0, 1, 2: +0.5000, +0.4000, +0.3000" in table  # 1.5-1.0, 1.5-1.1, 1.5-1.2
-    assert "| 80 | 0.9000 | 0.9500 | +0.0500 |" in table
+    assert "| 80 | 0.9000 | - | 0.9500 | +0.0500 | - |" in table  # no lowrank run at 80 steps: no gap closed
+    write(tmp_path, "lowrank", 3e-2, 0, 80, 1.15)
+    sweep, seeds, longer = study.collect(args, do_runs=False)
+    study.report(args, sweep, seeds, longer)
+    # by hand: (1.15 - 0.95) / (1.15 - 0.90) = 0.20 / 0.25 = 0.80
+    assert "| 80 | 0.9000 | 1.1500 | 0.9500 | +0.0500 | 0.80 |" in (tmp_path / "table.md").read_text()
 
 
 def test_missing_and_diverged_seeds_pair_by_seed(tmp_path):
@@ -88,3 +99,135 @@ def test_missing_and_diverged_seeds_pair_by_seed(tmp_path):
     assert "| lowrank | 0.03 | 2.0000 | 2.1000 | inf | - |" in table  # a diverged seed: no mean
     assert "sltrain - full, seeds 0, 2: +0.5000, +0.3000" in table  # seed 2 with seed 2, not with seed 1
     assert "gap closed" not in table  # seed 1 lacks sltrain, seed 2's lowrank diverged: no gap with a spread
+
+
+def test_names_match_the_plain_train_commands():
+    T = study.Task
+    assert study.name_of(T("full", 1e-3, 0, 2400)) == "full-lr0.001-seed0-steps2400"
+    assert study.name_of(T("sltrain", 1e-2, 0, 2400, rank=32, delta=0.01)) == "sltrain-r32-d0.01-lr0.01-seed0-steps2400"
+    assert study.name_of(T("full", 3e-4, 2, 400, "tiny-narrow")) == "tiny-narrow-full-lr0.0003-seed2-steps400"
+
+
+def test_a_kept_log_names_paths_relative_to_the_repository(tmp_path):
+    """A run finished in its out-dir (the same command, run by hand) is copied into --results, not rerun,
+    with the config's data, out_dir and argv paths inside the repository made relative; others kept."""
+    root = study.ROOT
+    out = os.path.join(root, "runs", "q22", "sltrain-r16-d0.03-lr0.01-seed0-steps6")
+    config = {"type": "config", "data": os.path.join(root, "data", "stdlib"), "out_dir": out,
+              "argv": [os.path.join(root, "train.py"), "--rank", "16", "--out-dir", out, "--data", "/elsewhere/x"],
+              "data_meta": {"stdlib_path": "/usr/lib/python3.11"}}
+    runs = tmp_path / "runs" / "sltrain-r16-d0.03-lr0.01-seed0-steps6"
+    runs.mkdir(parents=True)
+    with open(runs / "log.jsonl", "w") as f:
+        f.write(json.dumps(config) + "\n" + json.dumps({"type": "eval", "step": 6, "val_loss": 2.5}) + "\n")
+    args = argparse.Namespace(runs=str(tmp_path / "runs"), results=str(tmp_path / "results"))
+    records = study.run(args, study.Task("sltrain", 1e-2, 0, 6, rank=16, delta=0.03))  # no train.py: 6 steps here
+    kept = study.read_log(tmp_path / "results" / "sltrain-r16-d0.03-lr0.01-seed0-steps6.jsonl")
+    assert records == kept and kept[1] == {"type": "eval", "step": 6, "val_loss": 2.5}
+    assert kept[0]["data"] == "data/stdlib" and kept[0]["out_dir"] == "runs/q22/sltrain-r16-d0.03-lr0.01-seed0-steps6"
+    assert kept[0]["argv"] == ["train.py", "--rank", "16", "--out-dir", "runs/q22/sltrain-r16-d0.03-lr0.01-seed0-steps6",
+                               "--data", "/elsewhere/x"]
+    assert kept[0]["data_meta"] == config["data_meta"]
+
+
+# -----------------------------------------------------------------------------
+# benchmarks/why_sparse.py: the ablation, the lr check and the dense verdict, on hand-written logs
+
+ABLATION = {("sltrain", 32, 0.01): 1.7, ("sltrain", 32, 0.1): 1.3, ("sltrain", 16, 0.03): 1.8, ("sltrain", 64, 0.03): 1.2}
+LR_CHECK = {  # seed 0, 40 steps, at 3e-3, 1e-2, 3e-2; the study's sweep gives lowrank and sltrain r32 d0.03
+    ("sltrain", 32, 0.01): (1.9, 1.7, 2.1), ("sltrain", 32, 0.1): (1.5, 1.3, 1.7),
+    ("sltrain", 16, 0.03): (2.0, 1.8, 2.2), ("sltrain", 64, 0.03): (1.4, 1.2, 1.5)}
+DENSE_SWEEP = {1e-4: 3.0, 3e-4: 2.0, 1e-3: 1.4, 3e-3: 1.6, 1e-2: 2.2}
+
+
+def write_why_sparse(folder, skip_dense_seed=None):
+    """The study's logs (write_study, plus sltrain seed 0 at 80 steps), the ablation's and the dense model's;
+    returns why_sparse's args for them (sweep 40, seeds 60, longer 80)."""
+    write_study(os.path.join(folder, "study"))
+    write(os.path.join(folder, "study"), "sltrain", 1e-2, 0, 80, 0.95)
+    for (m, r, d), val in ABLATION.items():
+        write(os.path.join(folder, "ablation"), m, 1e-2, 0, 60, val, rank=r, delta=d)
+        for lr, v in zip((3e-3, 1e-2, 3e-2), LR_CHECK[(m, r, d)]):
+            write(os.path.join(folder, "ablation"), m, lr, 0, 40, v, rank=r, delta=d)
+    for lr, val in DENSE_SWEEP.items():
+        write(os.path.join(folder, "dense"), "full", lr, 0, 40, val, model="tiny-narrow")
+    for seed, val in zip(study.SEEDS, (1.4, 1.6, 1.5)):
+        if seed != skip_dense_seed:
+            write(os.path.join(folder, "dense"), "full", 1e-3, seed, 60, val, model="tiny-narrow")
+    write(os.path.join(folder, "dense"), "full", 1e-3, 0, 80, 1.0, model="tiny-narrow")
+    return why_sparse.get_args(["--plot", "--sweep-steps", "40", "--seed-steps", "60", "--longer", "80",
+                                "--results", str(folder)])
+
+
+def test_why_sparse_tables(tmp_path, monkeypatch):
+    monkeypatch.setattr(why_sparse, "footprint", lambda *a: (1000, 1.0))  # its own test below
+    args = write_why_sparse(tmp_path, skip_dense_seed=2)
+    res = why_sparse.collect(args, do_runs=False)
+    assert res["dense_lr"] == 1e-3 and res["dense"] == {0: 1.4, 1: 1.6}
+    ablation, dense = why_sparse.report(args, res, {p[0]: why_sparse.footprint() for p in why_sparse.points(res)})
+    assert ablation == (tmp_path / "ablation" / "table.md").read_text()
+    assert "| sltrain r32 d0.1 | 1,000 | 1.00 | 1.3000 | 1.3000 (1) |" in ablation
+    assert "| sltrain r32 d0.03 | 1,000 | 1.00 | 1.5000 | 1.5000 +- 0.0000 (3) |" in ablation  # the study's seeds
+    assert "| full (tiny-narrow) | 1,000 | 1.00 | 1.4000 | 1.5000 +- 0.1414 (2) |" in ablation  # sd of 1.4, 1.6
+    assert "| lowrank r32 | 1,000 | 1.00 | - | - |" in ablation  # the hand-made study ran lowrank's seeds at 3e-2
+    # lr check, by hand from SWEEP and LR_CHECK: at 3e-3 sltrain r32 d0.03 (1.6) is third, at 1e-2 (1.4) fourth
+    assert "| sltrain r32 d0.03 | 1.6000 | 1.4000 | 1.9000 |" in ablation
+    assert ("order at lr 0.01 (best first): sltrain r64 d0.03, sltrain r32 d0.1, sltrain r32 d0.03, "
+            "sltrain r32 d0.01, lowrank r32, sltrain r16 d0.03") in ablation
+    assert "the same order at every lr: no" in ablation
+    # the verdict: sltrain 1.5 at every seed against 1.4, 1.6, -: +0.1, -0.1; mean 0, sd 0.1414; 80 steps 0.95 - 1.0
+    assert "| 0.2M | 0 | 1.5000 | 1.4000 | +0.1000 |" in dense and "| 0.2M | 2 | 1.5000 | - | - |" in dense
+    assert "| 0.2M | mean | | | +0.0000 +- 0.1414 (2 paired) |" in dense
+    assert "| 0.3M | 0 | 0.9500 | 1.0000 | -0.0500 |" in dense
+    assert "| 3.0000 | 2.0000 | 1.4000 | 1.6000 | 2.2000 |" in dense
+    why_sparse.plot(args, res, {p[0]: (1000 * (i + 1), 1.0) for i, p in enumerate(why_sparse.points(res))})
+    assert (tmp_path / "ablation" / "val_loss_vs_params.png").stat().st_size > 10_000
+
+
+def test_why_sparse_same_order_at_every_lr(tmp_path, monkeypatch):
+    monkeypatch.setattr(why_sparse, "footprint", lambda *a: (1000, 1.0))
+    args = write_why_sparse(tmp_path)
+    for (m, r, d), vals in LR_CHECK.items():  # shift each setting's 3e-3 and 3e-2 runs to keep the 1e-2 order
+        for lr, v in zip((3e-3, 3e-2), (vals[1] + 0.6, vals[1] + 3.0)):
+            write(os.path.join(tmp_path, "ablation"), m, lr, 0, 40, v, rank=r, delta=d)
+    for m, v in (("lowrank", 1.8), ("sltrain", 1.4)):  # the study's 1e-2 runs are 1.8 and 1.4
+        write(os.path.join(tmp_path, "study"), m, 3e-3, 0, 40, v + 0.6)
+        write(os.path.join(tmp_path, "study"), m, 3e-2, 0, 40, v + 3.0)
+    ablation, _ = why_sparse.report(args, why_sparse.collect(args, do_runs=False), {
+        p[0]: (1, 1.0) for p in why_sparse.points(why_sparse.collect(args, do_runs=False))})
+    assert "the same order at every lr: yes" in ablation
+
+
+def test_why_sparse_queues_the_plain_train_runs(tmp_path, monkeypatch):
+    """Run mode asks study.run for exactly the ablation, the lr check and the dense runs (names as train.py's
+    out-dirs), never for the study's own runs."""
+    asked = []
+
+    def fake_run(args, task, threads=None):
+        asked.append((os.path.basename(args.results), study.name_of(task)))
+        return [{"type": "eval", "step": task.steps, "val_loss": abs(math.log10(task.lr) + 2.5)}]  # best 3e-3
+    monkeypatch.setattr(study, "run", fake_run)
+    args = why_sparse.get_args(["--results", str(tmp_path), "--runs", str(tmp_path / "runs"), "--jobs", "1"])
+    why_sparse.collect(args, do_runs=True)
+    assert {folder for folder, _ in asked} == {"ablation", "dense"}
+    names = {name for _, name in asked}
+    for r, d in ((32, 0.01), (32, 0.1), (16, 0.03), (64, 0.03)):
+        assert f"sltrain-r{r}-d{d:g}-lr0.01-seed0-steps2400" in names
+        assert {f"sltrain-r{r}-d{d:g}-lr{lr}-seed0-steps400" for lr in ("0.003", "0.01", "0.03")} <= names
+    assert {f"tiny-narrow-full-lr{lr}-seed0-steps400" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")} <= names
+    assert {f"tiny-narrow-full-lr0.003-seed{s}-steps2400" for s in (0, 1, 2)} <= names
+    assert "tiny-narrow-full-lr0.003-seed0-steps4800" in names and len(names) == 4 + 12 + 5 + 3 + 1
+
+
+def test_footprint_is_the_papers_count():
+    # by hand, tiny (dim 128, ffn 344, 4 blocks, vocab 257) at r 16, delta 0.03: embeddings 2 * 257 * 128, norms
+    # 9 * 128, per block 4 attention layers 16 * (128 + 128) + floor(0.03 * 128 * 128) and 3 MLP layers
+    # 16 * (128 + 344) + floor(0.03 * 128 * 344); memory 2 B + 4 B per (trainable) parameter, 8 B per nonzero
+    nnz = 4 * (4 * math.floor(0.03 * 128 * 128) + 3 * math.floor(0.03 * 128 * 344))
+    params = 2 * 257 * 128 + 9 * 128 + 4 * (4 * 16 * 256 + 3 * 16 * 472) + nnz
+    assert why_sparse.footprint("tiny", "sltrain", 16, 0.03) == (params, pytest.approx((6 * params + 8 * nnz) / 1e6))
+    # tiny-narrow (dim 88, ffn 232) full-rank is within 5% of tiny sltrain (r 32, delta 0.03)
+    dense = 2 * 257 * 88 + 9 * 88 + 4 * (4 * 88 * 88 + 3 * 88 * 232)
+    sltrain = 2 * 257 * 128 + 9 * 128 + 4 * (4 * 32 * 256 + 3 * 32 * 472) + nnz
+    assert why_sparse.footprint("tiny-narrow", "full")[0] == dense and why_sparse.footprint("tiny", "sltrain")[0] == sltrain
+    assert abs(dense / sltrain - 1) < 0.05
