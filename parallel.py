@@ -30,9 +30,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+import sltrain
 from model import init_module
 from optim import BLOCK
-from sltrain import SLLinear
 
 
 def default_dist(world, model):
@@ -104,11 +104,9 @@ def all_reduce_sum(t):
 
 
 def parallelize(model, args, dtype, make_meta_model):
-    """A model built on the meta device -> materialised, initialised, wrapped for --dist.
-
-    Returns (model to call, the unwrapped model). make_meta_model() builds the same model again on
-    the meta device; FSDP2 initialisation draws from it one module at a time.
-    """
+    """A model built on the meta device -> materialised, initialised, wrapped for --dist: returns (model
+    to call, the unwrapped model). make_meta_model() builds the same model again on the meta device;
+    FSDP2 initialisation draws from it one module at a time."""
     for block in model.blocks:
         if args.activation_checkpointing:  # keep only each block's input; recompute the rest in backward
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
@@ -140,13 +138,10 @@ def parallelize(model, args, dtype, make_meta_model):
 
 @torch.no_grad()
 def init_sharded(model, twin, seed, device):
-    """Give every rank its shard of exactly the values a single process draws with this seed.
-
-    Random DTensor init would draw per shard, which differs from the unsharded run (and on CPU,
-    repeats one stream on every rank). Instead an unsharded twin is materialised one module at a
-    time (never the whole model), initialised in init_weights' order from the same seed, and each
-    rank copies out its shard.
-    """
+    """Give every rank its shard of exactly the values a single process draws with this seed. Random
+    DTensor init would draw per shard, which differs from the unsharded run (and on CPU, repeats one
+    stream on every rank). Instead an unsharded twin is materialised one module at a time (never the
+    whole model), initialised in init_weights' order from the same seed, and each rank copies out its shard."""
     torch.manual_seed(seed)
     for twin_module, module in zip(twin.modules(), model.modules()):
         if twin_module is twin or not (list(twin_module.parameters(recurse=False)) or
@@ -254,23 +249,23 @@ def save_sharded(out_dir, state, step):
 
 
 def sharded_path(out_dir):
-    """This rank's file of the newest sharded checkpoint (rank<r>-of-<N>.pt: it resumes only on the
-    world size that wrote it), or None when there is none."""
+    """This rank's file of the newest sharded checkpoint (rank<r>-of-<N>.pt: only its world size resumes), or None."""
     pointer = os.path.join(out_dir, "latest-sharded")
     if not os.path.exists(pointer):
         return None
     return os.path.join(out_dir, open(pointer).read().strip(), f"rank{dist.get_rank()}-of-{dist.get_world_size()}.pt")
 
 
-def full_state_dict(model):
-    """Gather every DTensor into a full tensor (a collective: call on all ranks)."""
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in model.state_dict().items()}
-
-
 def consolidate(args, model):
-    """Gather the sharded weights into one ordinary state dict, <out-dir>/model.pt (rank 0 writes)."""
-    full = full_state_dict(model)
-    if dist.get_rank() == 0:
+    """Gather the sharded weights into one ordinary state dict, <out-dir>/model.pt, on rank 0's host.
+    full_tensor() is a collective every rank joins, tensor by tensor; the other ranks drop each result
+    at once and never hold more than one full tensor (7b in bf16 on 8 ranks: 6.3 GB in all, not 50)."""
+    full, rank0 = {}, dist.get_rank() == 0
+    for name, value in model.state_dict().items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        if rank0:
+            full[name] = value.cpu()
+    if rank0:
         path = os.path.join(args.out_dir, "model.pt")
         atomic_write(path, lambda f: torch.save(dict(model=full, config=vars(args)), f))
         print(f"wrote {path} ({sum(v.numel() for v in full.values()) / 1e6:.2f}M values)")
@@ -285,19 +280,17 @@ GB = 1e9
 PAPER_TOKENS_PER_STEP, PAPER_LR = 512 * 256, 3e-3  # the public SLTrain scripts, every size
 
 
-def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus, on_gpu):
+def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus, layouts):
     """Bytes one GPU holds for the weights, gradients, optimizer state and buffers of a meta model
     (its parameters in the run's --param-dtype). FSDP2 divides the first three by the GPUs; buffers
-    (support indices, RoPE tables) are on every GPU, and there (on_gpu) the kernels' SupportLayout of
-    each support too, int32: col_order (nnz,), row_ptr (out+1,), col_ptr (in+1,), built the first
-    time the Triton route runs (small token counts: eval tails, small micro-batches, decoding)."""
+    (support indices, RoPE tables) are on every GPU, and with `layouts` (builds_layouts) the kernels'
+    SupportLayout of each support, int32: col_order (nnz,), row_ptr (out+1,), col_ptr (in+1,)."""
     params = list(model.parameters())
     n = gpus if dist == "fsdp" else 1
     width = params[0].element_size()  # 4 or 2 bytes per weight and per gradient
     total = sum(p.numel() for p in params)
     if dist == "fsdp" and grad_accum > 1:
-        # until the last micro-step syncs, FSDP2 keeps each gradient unsharded, in its fp32 reduce
-        # dtype, on every GPU; the reduce-scatter then leaves the sharded ones
+        # FSDP2 keeps each gradient unsharded, fp32, on every GPU until the last micro-step's reduce-scatter
         grads = 4 * total + (0 if per_layer else width * total / n)
     elif per_layer and (grad_accum == 1 or dist == "fsdp"):
         grads = width * max(p.numel() for p in params) / n  # each gradient is freed by its own update
@@ -313,22 +306,31 @@ def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus, on_gp
             states += 8 * numel  # weights (train.build_optimizer), AdamW8bit's fp32_state and min_8bit_size
         else:  # m and v: one byte per element and an fp32 absmax per block of 256
             states += 2 * (numel + 4 * math.ceil(numel / BLOCK))
-    layout = sum(4 * (m.nnz + m.out_features + m.in_features + 2) for m in model.modules() if isinstance(m, SLLinear))
+    layers = [m for m in model.modules() if isinstance(m, sltrain.SLLinear)]
+    layout = sum(4 * (m.nnz + m.out_features + m.in_features + 2) for m in layers)
     return dict(weights=width * total / n, gradients=grads, optimizer_state=states,
-                buffers=sum(b.nbytes for b in model.buffers()), support_layout=layout if on_gpu else 0)
+                buffers=sum(b.nbytes for b in model.buffers()), support_layout=layout if layouts else 0)
+
+
+def builds_layouts(args, model):
+    """Whether the SL layers build SupportLayouts: if the Triton route runs (a dry run plans for GPUs) for a
+    micro-batch or for the last eval batch (part-filled when data.loader.eval_batches' windows run out)."""
+    windows = max(1, args.eval_tokens // args.seq_len)
+    last_eval = max(args.gpus, windows - windows % args.gpus) // args.gpus % args.batch_size  # sequences
+    return sltrain.takes_triton(model, {args.batch_size * args.seq_len, last_eval * args.seq_len} - {0},
+                                cuda=args.dry_run or args.device.startswith("cuda"))
 
 
 def activation_bytes(model, batch_size, seq_len, dtype):
-    """Bytes one training forward of a (batch_size, seq_len) micro-batch leaves for backward, counted
-    by running a copy of the meta model on fake tensors (shapes and dtypes only, no memory) under
-    autocast to `dtype`: every tensor autograd saves, less parameters and buffers, plus the logits
-    the caller holds. Returns
+    """Bytes one training forward of a (batch_size, seq_len) micro-batch leaves for backward, counted by running
+    a copy of the meta model on fake tensors (shapes and dtypes only, no memory) under autocast to `dtype`:
+    every tensor autograd saves, less parameters and buffers, plus the logits the caller holds. Returns
       plain:        all of it;
       checkpointed: with activation checkpointing, what is saved outside the blocks plus each
                     block's input (a block keeps nothing else);
       recompute:    the most one block saves, alive again while backward recomputes it.
-    The fused attention (flash, on GPU and CPU) saves q, k, v, its output and the log-sum-exp.
-    On CUDA, SLLinear's Triton route saves z = x A^T as well (kernels.py), not counted here."""
+    The fused attention (flash, on GPU and CPU) saves q, k, v, its output and the log-sum-exp. SLLinear's
+    Triton route (kernels.py) saves z = x A^T as well, not counted here."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # meta tensors that autocast accepts as "cpu"
     model = copy.deepcopy(model)
     size, saved, blocks, inputs, keep = {}, set(), [], set(), []  # storage id -> bytes; sets of ids
@@ -370,15 +372,13 @@ def activation_bytes(model, batch_size, seq_len, dtype):
 
 
 def memory_plan(args, model):
-    """Bytes one GPU holds in this run: weights, gradients, optimizer state, buffers, activations of
-    one micro-batch and (with --activation-checkpointing) one recomputed block. model: the run's
-    meta model (train.build_model)."""
-    on_gpu = args.dry_run or args.device.startswith("cuda")  # a dry run plans for GPUs
-    plan = model_state_bytes(model, args.optimizer, args.per_layer, args.grad_accum, args.dist, args.gpus, on_gpu)
+    """Bytes one GPU holds in this run: weights, gradients, optimizer state, buffers, activations of one
+    micro-batch and (with --activation-checkpointing) one recomputed block, for the run's meta model."""
+    plan = model_state_bytes(model, args.optimizer, args.per_layer, args.grad_accum, args.dist, args.gpus,
+                             builds_layouts(args, model))
     acts = activation_bytes(model, args.batch_size, args.seq_len, getattr(torch, args.dtype))
-    checkpointing = args.activation_checkpointing
-    plan.update(activations=acts["checkpointed" if checkpointing else "plain"],
-                recompute=acts["recompute"] if checkpointing else 0)
+    ckpt = args.activation_checkpointing
+    plan.update(activations=acts["checkpointed" if ckpt else "plain"], recompute=acts["recompute"] if ckpt else 0)
     return dict(**plan, total=sum(plan.values()))
 
 
@@ -400,15 +400,14 @@ def memory_report(args, model, build):
                  "one tensor's at a time (per-layer)" if args.per_layer else
                  "and DDP's all-reduce buckets" if args.dist == "ddp" else "",
                  buffers="support indices and RoPE tables", support_layout="the kernels' (Triton route, GPU)",
-                 activations="saved for backward, and the logits",
-                 recompute="one block recomputed in backward")
+                 activations="saved for backward, and the logits", recompute="one block recomputed in backward")
     for name, b in plan.items():
         print(f"  {name:<16} {b / GB:8.2f} GB  {notes.get(name, '')}")
-    setups = {}
+    setups, layouts = {}, builds_layouts(args, build("sltrain"))  # the layouts of sltrain's layers
     for label, method, optimizer, per_layer in (("full + AdamW", "full", "adamw", False),
                                                 ("sltrain + AdamW8bit", "sltrain", "adamw8bit", False),
                                                 ("sltrain + AdamW8bit + per-layer", "sltrain", "adamw8bit", True)):
-        states = model_state_bytes(build(method), optimizer, per_layer, args.grad_accum, args.dist, args.gpus, True)
+        states = model_state_bytes(build(method), optimizer, per_layer, args.grad_accum, args.dist, args.gpus, layouts)
         setups[label] = round(sum(states.values()) / GB, 2)
     print("\nmodel states per GPU (weights, gradients, optimizer state, buffers) of the paper's 7b comparison, "
           "with this run's dtype, micro-steps and GPUs:")

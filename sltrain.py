@@ -132,6 +132,16 @@ def route(x, layer):
     return choose_route(T, layer.in_features, layer.out_features, layer.rank, layer.nnz)
 
 
+def takes_triton(model, token_counts, cuda):
+    """Whether route() sends some SLLinear of `model` to the Triton route at one of `token_counts`, on CUDA
+    tensors or not: each layer it does builds its SupportLayout there (kernels.support_layout)."""
+    if ROUTE != "auto":
+        return ROUTE == "triton"
+    return cuda and triton_forward is not None and any(
+        choose_route(T, m.in_features, m.out_features, m.rank, m.nnz) == "triton"
+        for T in token_counts for m in model.modules() if isinstance(m, SLLinear))
+
+
 # -----------------------------------------------------------------------------
 # the layer
 

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import parallel
+import sltrain
 import train
 from model import CONFIGS
 from optim import PerLayerOptimizer
@@ -130,11 +131,13 @@ def peak_rss_gb(code):
 
 
 def test_dry_run_allocates_nothing():
-    """--model 7b --dry-run peaks within 0.3 GB of a process that only imports torch."""
-    torch_only = peak_rss_gb("import torch")
-    dry_run = peak_rss_gb("import train\ntrain.main(['--model', '7b', '--dry-run', '--vocab-size', '32000'])")
-    print(f"\npeak RSS: import torch {torch_only:.3f} GB, --model 7b --dry-run {dry_run:.3f} GB")
-    assert dry_run - torch_only < 0.3, (dry_run, torch_only)
+    """--model 7b --dry-run peaks within 0.3 GB of a process that imports train.py and parses the same flags
+    (on a CUDA machine parsing starts the CUDA driver, --device's default)."""
+    flags = "['--model', '7b', '--dry-run', '--vocab-size', '32000']"
+    parsed = peak_rss_gb(f"import train\ntrain.get_args({flags})")
+    dry_run = peak_rss_gb(f"import train\ntrain.main({flags})")
+    print(f"\npeak RSS: flags parsed {parsed:.3f} GB, --model 7b --dry-run {dry_run:.3f} GB")
+    assert dry_run - parsed < 0.3, (dry_run, parsed)
 
 
 def test_per_layer_optimizers_share_code_books():
@@ -164,12 +167,47 @@ def test_dry_run_plans_the_papers_tokens_per_step(gpus):
 
 
 def test_support_layout_line_is_the_kernels_layouts():
-    """On a GPU the plan adds each SL layer's SupportLayout (the Triton route builds it once): its bytes
-    are those of the layouts kernels.support_layout builds for the real layers."""
+    """Where the Triton route runs, the plan adds each SL layer's SupportLayout (the route builds it once):
+    its bytes are those of the layouts kernels.support_layout builds for the real layers. At 2 x 64 tokens
+    a GPU's auto route takes Triton (60m q/k/v/o, multiply-adds: dense 3*128*512^2 + 4*512^2*128 = 2.35e8 >
+    Triton 3*128*128*1024 + 3*128*7,864/0.02 = 2.01e8); a CPU's never does."""
     import kernels
     args = train.get_args(["--model", "60m", "--vocab-size", "257", *COMMON])
     model, _ = parallel.parallelize(train.build_model(args, 257), args, torch.float32, None)
     built = [kernels.support_layout(m) for m in model.modules() if isinstance(m, SLLinear)]
     real = sum(t.nbytes for layout in built for t in (layout.row_ptr, layout.col_order, layout.col_ptr))
-    plan = parallel.model_state_bytes(train.build_model(args, 257), "adamw", False, 1, "none", 1, on_gpu=True)
-    assert len(built) == 7 * 8 and plan["support_layout"] == real
+    assert len(built) == 7 * 8
+    planned = train.get_args(["--model", "60m", "--vocab-size", "257", *COMMON, "--dry-run"])  # plans for GPUs
+    assert parallel.memory_plan(planned, train.build_model(planned, 257))["support_layout"] == real
+    assert parallel.memory_plan(args, train.build_model(args, 257))["support_layout"] == 0
+
+
+SEVEN_B = ["--model", "7b", "--vocab-size", "32000", "--param-dtype", "bfloat16", "--grad-accum", "1"]
+
+
+@pytest.mark.parametrize("flags, builds", [
+    # 7b q/k/v/o (the cheapest layers for Triton) in multiply-adds, by kernels.py's cost model worked by hand:
+    # 16 x 256 = 4,096 tokens: dense route 3*4096*4096^2 + 4*4096^2*1024 = 2.75e11 < Triton 3*4096*1024*8192 +
+    # 3*4096*838,860/0.02 = 6.19e11, and the MLP layers weigh against Triton more: no layer builds a layout
+    (["--batch-size", "16", "--eval-tokens", "8192"], False),
+    (["--batch-size", "1", "--eval-tokens", "8192"], True),  # 256 tokens: dense 8.16e10 > Triton 3.87e10
+    # 18 windows of 256 eval tokens: the last eval batch holds 2 sequences, 512 tokens (dense 9.45e10 > 7.73e10)
+    (["--batch-size", "16", "--eval-tokens", "4608"], True),
+    # on 2 GPUs each rank evaluates 9 windows, one batch of 2,304 tokens: no layout
+    (["--batch-size", "16", "--eval-tokens", "4608", "--gpus", "2"], False),
+    (["--batch-size", "1", "--eval-tokens", "8192", "--device", "cpu"], False),  # a CPU run: auto stays dense
+])
+def test_support_layout_is_planned_where_the_auto_route_takes_triton(flags, builds):
+    dry = [] if "--device" in flags else ["--dry-run"]  # a dry run plans for GPUs
+    args = train.get_args(SEVEN_B + dry + flags)
+    assert parallel.builds_layouts(args, train.build_model(args, 32000)) == builds
+
+
+def test_forced_routes_decide_the_support_layout_on_any_device(monkeypatch):
+    args = train.get_args(SEVEN_B + ["--batch-size", "16", "--eval-tokens", "8192", "--device", "cpu"])
+    model = train.build_model(args, 32000)
+    monkeypatch.setattr(sltrain, "ROUTE", "triton")  # the Triton route on the CPU: the interpreter
+    assert parallel.builds_layouts(args, model)
+    args = train.get_args(SEVEN_B + ["--batch-size", "1", "--eval-tokens", "8192", "--dry-run"])
+    monkeypatch.setattr(sltrain, "ROUTE", "dense")
+    assert not parallel.builds_layouts(args, model)
