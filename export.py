@@ -209,10 +209,6 @@ def staging_folder(target):
     """A new empty folder beside `target` (same file system, so the final rename is atomic)."""
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
-    for name in os.listdir(parent):  # what an export killed part way (kill -9, power cut) left behind
-        pid = name.removeprefix(f".{base}.export-").split("-")[0]
-        if name.startswith(f".{base}.export-") and name.endswith(".tmp") and pid.isdigit() and not alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     for n in range(100):
         path = os.path.join(parent, f".{base}.export-{os.getpid()}-{n}.tmp")
         try:
@@ -255,6 +251,11 @@ def publish(staging, target):
     os.close(fd)
     if aside:
         shutil.rmtree(aside)
+    parent, base = os.path.split(target)
+    for name in os.listdir(parent):  # what exports killed part way (kill -9, power cut) left: only now, with
+        pid = name.removeprefix(f".{base}.export-").split("-")[0]  # the new export in place, is it garbage
+        if name.startswith(f".{base}.export-") and name.endswith(".tmp") and pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def check_target(p, args):
