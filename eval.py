@@ -10,6 +10,7 @@ the figure equals the eval record the run logged at that step with the same --ev
 device (on a CPU it evaluates in fp32, where a GPU run logged bf16 compute).
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -27,11 +28,19 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="sequences per forward (default: the run's --batch-size)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="autocast compute dtype (default: the run's)")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line: no usage block
     args = p.parse_args(argv)
     if args.out_dir is None:
-        sys.exit("error: --out-dir is required: the folder of a run train.py wrote")
-    if (args.eval_tokens is not None and args.eval_tokens < 1) or (args.batch_size is not None and args.batch_size < 1):
-        sys.exit("error: --eval-tokens and --batch-size must be >= 1")
+        p.error("--out-dir is required: the folder of a run train.py wrote")
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{n}" for n in range(torch.cuda.device_count())]
+    for ok, flag, rule in (  # (holds?, the flag as typed, what a valid value is), as train.py checks its own
+            (args.eval_tokens is None or args.eval_tokens >= 1, f"--eval-tokens {args.eval_tokens}", "must be >= 1"),
+            (args.batch_size is None or args.batch_size >= 1, f"--batch-size {args.batch_size}", "must be >= 1"),
+            (args.data is None or os.path.isdir(args.data), f"--data {args.data}", "must be a folder data/prepare.py "
+             "wrote (train.bin, val.bin, meta.json)"),
+            (args.device in devices, f"--device {args.device}", f"must be one of: {', '.join(devices)}")):
+        if not ok:
+            p.error(f"{flag}: {rule}")
 
     model = load_model(args.out_dir, args.device)
     run = argparse.Namespace(**model.train_config)

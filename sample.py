@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -260,6 +261,20 @@ def bench(device, repeats=5, n_tokens=64):
 # the script
 
 
+def check_flags(p, args):
+    """One line per bad value, naming the flag and its rule (train.py's form)."""
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{n}" for n in range(torch.cuda.device_count())]
+    for ok, flag, rule in (  # (holds?, the flag as typed, what a valid value is)
+            (args.max_new_tokens >= 0, f"--max-new-tokens {args.max_new_tokens}", "must be >= 0"),
+            (0 <= args.temperature < math.inf, f"--temperature {args.temperature}", "must be a finite number >= 0 (0 = "
+             "greedy)"),  # a NaN fails every comparison, so it lands here too
+            (args.top_k >= 0, f"--top-k {args.top_k}", "must be >= 0 (0 = all tokens)"),
+            (0 <= args.seed < 2**32, f"--seed {args.seed}", "must be in [0, 2**32)"),
+            (args.device in devices, f"--device {args.device}", f"must be one of: {', '.join(devices)}")):
+        if not ok:
+            p.error(f"{flag}: {rule}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", help="the run's folder (train.py's --out-dir)")
@@ -273,21 +288,29 @@ def main(argv=None):
                    help="how SL layers decode: one merged dense W, or from the factors; auto picks the faster "
                    "for the model's size (default: auto)")
     p.add_argument("--bench", action="store_true", help="time merged vs factorized decoding, then exit")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line: no usage block
     args = p.parse_args(argv)
+    check_flags(p, args)
     if args.bench:
         return bench(args.device)
     if args.out_dir is None:
-        sys.exit("error: --out-dir is required: the folder of a run train.py wrote")
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
-        sys.exit("error: --max-new-tokens, --temperature and --top-k must be >= 0")
+        p.error("--out-dir is required: the folder of a run train.py wrote")
 
     model = load_model(args.out_dir, args.device)
+    vocab, window = model.cfg.vocab_size, model.cfg.max_seq_len
+    if args.top_k > vocab:
+        p.error(f"--top-k {args.top_k}: must be in [0, {vocab}], the model's vocabulary (0 = all)")
     decode = choose_decode(model) if args.decode == "auto" else args.decode
     prepare_decode(model, decode)
     enc = load_tokenizer(args.out_dir, model.train_config)
     prompt = enc.encode(args.prompt, allowed_special="all") or [enc.eot_token]  # empty: a new document
-    if max(prompt) >= model.cfg.vocab_size:
-        sys.exit(f"error: the prompt has tokens beyond the model's vocabulary of {model.cfg.vocab_size}")
+    if max(prompt) >= vocab:
+        sys.exit(f"error: the prompt has tokens beyond the model's vocabulary of {vocab}")
+    if len(prompt) + args.max_new_tokens > window:  # generate's sliding window: allowed, but say what it means
+        print(f"note: the {len(prompt)}-token prompt and --max-new-tokens {args.max_new_tokens} pass the model's "
+              f"context of {window} tokens: " + (f"it reads the prompt's last {window} tokens only, and " if
+              len(prompt) > window else "") + f"past {window} tokens each new token sees the newest "
+              f"{window // 2} to {window} tokens, never the text before them", file=sys.stderr)
     ids = torch.tensor([prompt], device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     sync(args.device)

@@ -15,6 +15,7 @@ import torch
 import eval as eval_script
 import sample
 from conftest import TINY_RUN
+from run_script import run_cases
 from model import CONFIGS, LLaMA
 from sltrain import swap_linears
 
@@ -103,15 +104,83 @@ def test_sample_script_on_a_run(tiny_run, capsys):
     assert "tokens/s" in capsys.readouterr().err
 
 
-def test_bad_input_stops_with_one_line(tmp_path, capsys):
-    for argv, message in ([["--out-dir", str(tmp_path / "nope")], "no run at"],
-                          [["--out-dir", str(tmp_path)], "no checkpoint in"],
-                          [[], "--out-dir is required"]):
-        with pytest.raises(SystemExit, match=f"^error: .*{message}"):
-            sample.main(argv)
+def test_an_unreadable_checkpoint_stops_with_one_line(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="^error: .*unreadable"):
         sample.load_model(str(tmp_path))
+
+
+# each case: (argv, exit status, the exact line on stderr). {run}: a tiny run; {tmp}: an empty folder. Status 2 is
+# a flag's rule (argparse's and train.py's), 1 a run that cannot be read.
+RUN = ["--out-dir", "{run}"]
+FLAG_CASES = {
+    "sample.py": [
+        ([], 2, "--out-dir is required: the folder of a run train.py wrote"),
+        (["--out-dir", "{tmp}/nope"], 1, "no run at {tmp}/nope: --out-dir must be a folder train.py wrote"),
+        (["--out-dir", "{tmp}"], 1, "no checkpoint in {tmp} (no ckpt.pt, latest-sharded or model.pt): a run writes "
+                                    "one at every eval, so train at least --eval-every steps"),
+        (RUN + ["--temperature", "nan"], 2, "--temperature nan: must be a finite number >= 0 (0 = greedy)"),
+        (RUN + ["--temperature", "-0.5"], 2, "--temperature -0.5: must be a finite number >= 0 (0 = greedy)"),
+        (RUN + ["--temperature", "inf"], 2, "--temperature inf: must be a finite number >= 0 (0 = greedy)"),
+        (RUN + ["--top-k", "-1"], 2, "--top-k -1: must be >= 0 (0 = all tokens)"),
+        (RUN + ["--top-k", "258"], 2, "--top-k 258: must be in [0, 257], the model's vocabulary (0 = all)"),
+        (RUN + ["--top-k", "nan"], 2, "argument --top-k: invalid int value: 'nan'"),
+        (RUN + ["--max-new-tokens", "-1"], 2, "--max-new-tokens -1: must be >= 0"),
+        (RUN + ["--seed", "-1"], 2, "--seed -1: must be in [0, 2**32)"),
+        (RUN + ["--seed", str(2**32)], 2, "--seed 4294967296: must be in [0, 2**32)"),
+        (RUN + ["--device", "tpu"], 2, "--device tpu: must be one of: cpu"),
+        (RUN + ["--decode", "sparse"], 2, "argument --decode: invalid choice: 'sparse' (choose from 'auto', 'merged', "
+                                          "'factorized')"),
+    ],
+    "eval.py": [
+        ([], 2, "--out-dir is required: the folder of a run train.py wrote"),
+        (RUN + ["--eval-tokens", "0"], 2, "--eval-tokens 0: must be >= 1"),
+        (RUN + ["--eval-tokens", "nan"], 2, "argument --eval-tokens: invalid int value: 'nan'"),
+        (RUN + ["--batch-size", "-2"], 2, "--batch-size -2: must be >= 1"),
+        (RUN + ["--data", "{tmp}/nope"], 2, "--data {tmp}/nope: must be a folder data/prepare.py wrote (train.bin, "
+                                            "val.bin, meta.json)"),
+        (RUN + ["--device", "tpu"], 2, "--device tpu: must be one of: cpu"),
+        (RUN + ["--dtype", "float16"], 2, "argument --dtype: invalid choice: 'float16' (choose from 'float32', "
+                                          "'bfloat16')"),
+    ],
+    "export.py": [
+        (RUN, 2, "--out-dir (a run's folder) and --hf-dir (where to write) are both required"),
+        (RUN + ["--hf-dir", "{tmp}/hf", "--dtype", "float16"], 2, "argument --dtype: invalid choice: 'float16' (choose "
+                                                                   "from 'float32', 'bfloat16')"),
+        (RUN + ["--hf-dir"], 2, "argument --hf-dir: expected one argument"),
+        (RUN + ["--hf-dir", "/", "--force"], 2, "--hf-dir /: must not be the run's folder or hold it (--out-dir {run}): "
+                                                "the export replaces the whole folder; pass a new one, such as {run}/hf"),
+    ],
+}
+
+
+@pytest.mark.parametrize("script", FLAG_CASES)
+def test_each_flag_is_checked(tiny_run, tmp_path, script):
+    """Issue 21, item 5: the real script, one line naming the flag and its rule, and a non-zero status."""
+    run, cases = tiny_run("sltrain"), FLAG_CASES[script]
+    results = run_cases(script, [[a.format(run=run, tmp=tmp_path) for a in argv] for argv, _, _ in cases])
+    for (argv, status, line), (code, err, out) in zip(cases, results):
+        if "--device" in argv and torch.cuda.is_available():
+            continue  # a GPU machine lists its devices in the rule
+        print(err, end="")
+        assert (code, err) == (status, "error: " + line.format(run=run, tmp=tmp_path) + "\n"), argv
+    assert os.listdir(tmp_path) == []  # nothing written, not even by export.py
+
+
+def test_max_new_tokens_past_the_context_is_explained(tiny_run):
+    """The model attends to max_seq_len (64 here) tokens; generate slides its window past that
+    (test_greedy_generate_equals_recompute_past_the_window), so sample.py runs and says so."""
+    run = tiny_run("sltrain")
+    (code, err, out), (code2, err2, out2) = run_cases("sample.py", [
+        ["--out-dir", run, "--prompt", "def ", "--max-new-tokens", "70", "--temperature", "0", "--device", "cpu"],
+        ["--out-dir", run, "--prompt", "x" * 100, "--max-new-tokens", "0", "--device", "cpu"]])
+    assert code == 0 and err.startswith(
+        "note: the 4-token prompt and --max-new-tokens 70 pass the model's context of 64 tokens: past 64 tokens each "
+        "new token sees the newest 32 to 64 tokens, never the text before them\n")
+    assert len(out.encode()) >= 4 + 70 - 3 + 1  # byte tokens, a few may decode to one character; print's newline
+    assert code2 == 0 and err2.startswith("note: the 100-token prompt and --max-new-tokens 0 pass the model's context "
+                                          "of 64 tokens: it reads the prompt's last 64 tokens only")
+    assert out2 == "x" * 100 + "\n"
 
 
 def test_eval_equals_the_logged_eval(tiny_run):
