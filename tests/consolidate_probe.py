@@ -42,8 +42,9 @@ def full_tensor(self, *args, **kwargs):
 
 def teardown(args):
     gc.collect()
-    storages = {o.untyped_storage().data_ptr(): o.untyped_storage().nbytes() for o in gc.get_objects()
-                if isinstance(o, torch.Tensor) and not isinstance(o, DTensor) and (tuple(o.shape), o.dtype) in full_shapes}
+    tensors = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not isinstance(o, DTensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
+                if (tuple(t.shape), t.dtype) in full_shapes}
     held["at_end"] = sum(storages.values())
     real_teardown(args)
 

@@ -88,4 +88,5 @@ def test_sddmm_adds_with_relaxed_atomics_on_sm90():
     atomics = dict(json.loads(line) for line in out.stdout.splitlines())
     assert set(atomics) == {"bf16", "fp32", "fp64"}, atomics
     for dtype, instructions in atomics.items():
-        assert instructions and all(".relaxed." in i and "acq_rel" not in i for i in instructions), (dtype, instructions)
+        relaxed = all(".relaxed." in i and "acq_rel" not in i for i in instructions)
+        assert instructions and relaxed, (dtype, instructions)
