@@ -20,7 +20,11 @@ from optim import AdamW8bit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_AT = os.path.join(ROOT, "tests", "kill_at.py")
-SMALL = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-tokens", "2048", "--log-every", "1"]
+# On the CPU on every machine: runs are compared record by record, bit for bit (a GPU's atomics reorder float
+# sums), rerun under torchrun on 2 gloo ranks (a one-GPU machine cannot host two), and a resume's refusal
+# names --dtype float32, the CPU's default (a GPU's is bfloat16)
+SMALL = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-tokens", "2048", "--log-every", "1",
+         "--device", "cpu"]
 TIMING = {"tokens_per_s", "elapsed_s", "peak_mem_gb"}  # the only fields two runs may differ in
 
 
@@ -246,7 +250,7 @@ def test_adamw8bit_load_state_dict_copies_nothing_already_in_place():
 # fault injection: SIGKILL at six points, resume, compare with the uninterrupted run
 
 FAULT_FLAGS = ["--model", "tiny", "--batch-size", "4", "--grad-accum", "1", "--seq-len", "64", "--eval-tokens",
-               "2048", "--log-every", "1", "--max-steps", "6", "--eval-every", "2"]
+               "2048", "--log-every", "1", "--max-steps", "6", "--eval-every", "2", "--device", "cpu"]  # see SMALL
 # (point:n, the checkpoint step the kill leaves). Checkpoints land at steps 2, 4, 6; the log's
 # writes are config, train 1, train 2, eval 2, train 3, train 4, eval 4 (the 7th), ...
 KILLS = [("batch:4", 2),     # in step 4, between checkpoints

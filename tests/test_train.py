@@ -213,7 +213,7 @@ def test_clipping_with_per_layer_is_refused(capsys):
 
 
 def test_activation_checkpointing_gives_the_same_losses_with_less_saved(data_dir, tmp_path):
-    flags = ["--max-steps", "3", "--eval-every", "3"]
+    flags = ["--max-steps", "3", "--eval-every", "3", "--device", "cpu"]  # bitwise: see test_resume_equals_...
     models = {}
     for name, extra in (("plain", []), ("ac", ["--activation-checkpointing"])):
         models[name] = train.main(SMALL + ["--data", data_dir, "--out-dir", str(tmp_path / name), *flags, *extra])
