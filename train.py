@@ -335,14 +335,16 @@ def lr_at(step, args):
 def evaluate(model, val, args, autocast, rank, world):
     """Mean loss over the fixed val windows, summed across ranks."""
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=args.device)  # (sum of losses, tokens)
+    loss_sum, n_tokens = torch.zeros((), dtype=torch.float64, device=args.device), 0  # tokens: counted on the host
     for x, y in val.eval_batches(args.eval_tokens, args.batch_size, args.seq_len, args.device, rank, world):
         with autocast:
             _, loss = model(x, y)
-        totals += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), device=args.device)])
+        loss_sum += loss.double() * y.numel()
+        n_tokens += y.numel()
     model.train()
-    totals = parallel.all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
+    totals = torch.stack([loss_sum, torch.full((), n_tokens, dtype=torch.float64, device=args.device)])
+    totals = parallel.all_reduce_sum(totals)  # (sum of losses, tokens) over the ranks
+    return (totals[0] / totals[1]).item()  # the one host sync of an eval
 
 
 def stop_if_not_finite(loss, split, step, args, record):
@@ -436,6 +438,8 @@ def main(argv=None):
     if step >= stop_at:
         say(f"note: the checkpoint is at step {step}, and this run stops at step {stop_at}: nothing to train")
     t_start, interval_time, interval_steps = time.time(), 0.0, 0  # tokens/s counts training time only
+    batches = train_data.batches(step, args.grad_accum, args.batch_size, args.seq_len, args.seed, args.device,
+                                 rank, world)
     while step < stop_at:
         t_step = time.time()
         lr = lr_at(step, args)
@@ -444,19 +448,22 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=args.device)
         for micro in range(args.grad_accum):
             last = micro == args.grad_accum - 1
-            x, y = train_data.random_batch(step, micro, args.batch_size, args.seq_len, args.seed, args.device,
-                                           rank, world)
+            x, y = next(batches)  # train_data.random_batch(step, micro), read one batch ahead
             with parallel.no_sync(model, args, last):
                 with autocast:
                     _, loss = model(x, y)
                 (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
-        train_loss = parallel.all_reduce_sum(loss_sum).item() / (args.grad_accum * world)
-        stop_if_not_finite(train_loss, "train", step, args, record)
+        loss_sum = parallel.all_reduce_sum(loss_sum)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # the host waits for the device once per step, here, after the whole step is queued (AdamW8bit's
+        # skip booking waits first; the loss is ready by then). A non-finite loss stops the run before
+        # any checkpoint holds this update (per-layer updates have run inside backward anyway).
+        train_loss = loss_sum.item() / (args.grad_accum * world)
+        stop_if_not_finite(train_loss, "train", step, args, record)
         step += 1
         interval_time, interval_steps = interval_time + time.time() - t_step, interval_steps + 1
 

@@ -48,9 +48,23 @@ class TokenData:
         for i in range(0, len(starts), batch_size):
             yield self._windows(starts[i:i + batch_size], seq_len, device)
 
+    def batches(self, step, grad_accum, batch_size, seq_len, seed, device, rank=0, world=1):
+        """random_batch(step, micro) for every micro-step from `step` on, in order, one batch ahead:
+        batch i + 1 is read and its copy to the device started before batch i is handed out."""
+        ahead = self.random_batch(step, 0, batch_size, seq_len, seed, device, rank, world)
+        while True:
+            for micro in range(grad_accum):
+                following = (step, micro + 1) if micro + 1 < grad_accum else (step + 1, 0)
+                current, ahead = ahead, self.random_batch(*following, batch_size, seq_len, seed, device, rank, world)
+                yield current
+            step += 1
+
     def _windows(self, starts, seq_len, device):
-        rows = torch.from_numpy(np.stack([self.tokens[s:s + seq_len + 1].astype(np.int64) for s in starts]))
-        return rows[:, :-1].to(device), rows[:, 1:].to(device)  # inputs, targets: (B, T) each
+        rows = np.stack([self.tokens[s:s + seq_len + 1].astype(np.int64) for s in starts])
+        x, y = torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())  # (B, T) each
+        if torch.device(device).type == "cuda":  # a copy from pageable memory would wait for the GPU to
+            x, y = x.pin_memory(), y.pin_memory()  # drain (a host sync); from pinned memory it runs async
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # inputs, targets
 
 
 def load_data(args, rank, default_folder):

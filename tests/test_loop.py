@@ -37,9 +37,10 @@ def run_one_step(monkeypatch, data_dir, out_dir, device, *flags):
         opt.step = step
         return opt
 
-    def batch(self, *a, **k):
-        x, y = real_batch(self, *a, **k)
-        seen["batches"].append((x.cpu(), y.cpu()))
+    def batch(self, step, *a, **k):
+        x, y = real_batch(self, step, *a, **k)
+        if step == 0:  # not the batch read ahead for step 1
+            seen["batches"].append((x.cpu(), y.cpu()))
         return x, y
 
     monkeypatch.setattr(train, "build_optimizer", build)
@@ -154,6 +155,50 @@ def test_batches_are_windows_of_the_stream_shifted_by_one(data_dir):
         for j in range(x.shape[0]):
             s = (4 * i + j) * 32
             assert torch.equal(x[j], vstream[s:s + 32]) and torch.equal(y[j], vstream[s + 1:s + 33])
+
+
+def test_training_batches_are_read_one_ahead_and_equal_bit_for_bit(data_dir, monkeypatch):
+    """train.py takes its micro-batches from TokenData.batches: exactly random_batch(step, micro) in
+    order, bit for bit, each handed out only once the next one has been read (its copy to a GPU
+    started, from pinned memory with non_blocking: no host sync) ."""
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    data = TokenData(data_dir, "train", meta)
+    reads, moves, real_batch, real_to = [], [], TokenData.random_batch, torch.Tensor.to
+    monkeypatch.setattr(TokenData, "random_batch", lambda self, step, micro, *a, **k: reads.append((step, micro))
+                        or real_batch(self, step, micro, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moves.append(k.get("non_blocking"))
+                        or real_to(self, *a, **k))
+    batches = data.batches(3, 2, 4, 32, seed=5, device="cpu")
+    for step, micro in [(3, 0), (3, 1), (4, 0), (4, 1), (5, 0)]:
+        x, y = next(batches)
+        following = (step, micro + 1) if micro == 0 else (step + 1, 0)
+        assert reads[-1] == following  # read ahead
+        monkeypatch.setattr(torch.Tensor, "to", real_to)
+        want = real_batch(data, step, micro, 4, 32, 5, "cpu")
+        monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moves.append(k.get("non_blocking"))
+                            or real_to(self, *a, **k))
+        assert torch.equal(x, want[0]) and torch.equal(y, want[1]) and x.dtype == torch.int64
+    assert moves and all(moves)  # every move to the device is non_blocking
+    assert [torch.equal(a, b) for a, b in zip(data.random_batch(0, 0, 4, 32, 5, "cpu"),
+                                              data.random_batch(0, 0, 4, 32, 5, "cpu"))] == [True, True]
+
+
+def test_eval_counts_tokens_on_the_host(data_dir, monkeypatch):
+    """A count made into a device tensor per batch (torch.tensor(n, device=...)) is a copy from
+    pageable memory: a host sync per eval batch. The count stays a Python int until the end."""
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    val = TokenData(data_dir, "val", meta)
+    args = train.get_args(["--model", "tiny", "--seq-len", "32", "--eval-tokens", str(6 * 32), "--batch-size", "2",
+                           "--device", "cpu"])
+    model = train.build_model(args, meta["vocab_size"]).to_empty(device="cpu").init_weights(seed=0)
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("torch.tensor in evaluate") if "device" in k
+                        else real_tensor(*a, **k))
+    loss = train.evaluate(model, val, args, torch.autocast("cpu", enabled=False), 0, 1)
+    monkeypatch.undo()
+    with torch.no_grad():  # the mean over 6 windows of 32 tokens, batch by batch here
+        want = sum(model(x, y)[1].double() * y.numel() for x, y in val.eval_batches(6 * 32, 2, 32, "cpu")) / (6 * 32)
+    assert loss == want.item()
 
 
 @pytest.mark.parametrize("eval_tokens,batch", [(5 * 32, 2), (4 * 32, 4)])
