@@ -146,11 +146,11 @@ def command(config):
 
 METHOD_TEXT = {
     "full": "full-rank weights, as a plain LLaMA (the baseline; nothing to merge)",
-    "lowrank": "low-rank block linears W = scale * B A (rank {rank}, scale = alpha / rank = {alpha:g} / {rank}), "
-               "merged here to one dense W each",
-    "sltrain": "SLTrain: each block linear is W = scale * B A + S, a low-rank product (rank {rank}, scale = "
+    "lowrank": "low-rank block linears `W = scale * B A` (rank {rank}, scale = alpha / rank = {alpha:g} / {rank}), "
+               "merged here to one dense `W` each",
+    "sltrain": "SLTrain: each block linear is `W = scale * B A + S`, a low-rank product (rank {rank}, scale = "
                "alpha / rank = {alpha:g} / {rank}) plus a sparse S on a fixed random support ({delta:.0%} of the "
-               "entries); merged here to one dense W = scale * B A + S each",
+               "entries); merged here to one dense `W = scale * B A + S` each",
 }
 
 
@@ -166,14 +166,14 @@ def model_card(model, meta, records, n_params, n_bytes, dtype, folder):
             "c4": "C4 English (allenai/c4)"}.get(source, source)
     if meta.get("text_files"):
         data = f"local text files ({', '.join(os.path.basename(f) for f in meta['text_files'])})"
-    tokenizer = {"byte": "byte-level: token i is byte i, <|endoftext|> = 256",
-                 "gpt2": "GPT-2 BPE, <|endoftext|> = 50256"}.get(meta.get("tokenizer"), meta.get("tokenizer"))
+    tokenizer = {"byte": "byte-level: token i is byte i, `<|endoftext|>` = 256",
+                 "gpt2": "GPT-2 BPE, `<|endoftext|>` = 50256"}.get(meta.get("tokenizer"), meta.get("tokenizer"))
     lines = [f"# {name}", "",
              f"A LLaMA of nano-sltrain's `{run['model']}` size ({cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} "
              f"heads, ffn {cfg.ffn_dim}, context {cfg.max_seq_len} tokens, vocab {cfg.vocab_size}), trained from "
              f"scratch with " + METHOD_TEXT[run["method"]].format(**run) + ". The folder holds an ordinary "
              "`LlamaForCausalLM`: transformers needs no custom code.", "", "## Training", "",
-             f"- Data: {data}; {meta.get('train_tokens', 0):,} training tokens.",
+             f"- Data: {data}; its training split holds {meta.get('train_tokens', 0):,} tokens.",
              f"- Tokenizer: {tokenizer} (tokenizer.json, converted from the run's tiktoken encoding)."]
     tokens_per_step = run["batch_size"] * run["grad_accum"] * run["seq_len"] * run.get("world_size", 1)
     if evals:
@@ -260,7 +260,7 @@ def publish(staging, target):
 
 def check_target(p, args):
     """Refuse, before any work, a --hf-dir that cannot or must not be replaced. --force replaces an
-    earlier export only (a folder with config.json): never a folder of other files, such as a home."""
+    earlier export only (config.json and model.safetensors): never a folder of other files, such as a home."""
     target, run = os.path.abspath(args.hf_dir), os.path.abspath(args.out_dir)
     if os.path.commonpath([target, run]) == target:
         p.error(f"--hf-dir {args.hf_dir}: must not be the run's folder or hold it (--out-dir {args.out_dir}): the "
@@ -276,9 +276,9 @@ def check_target(p, args):
     if held and not args.force:
         p.error(f"--hf-dir {args.hf_dir}: already holds {len(held)} file(s) ({shown}): pass --force to replace "
                 f"them with this export, or choose another folder")
-    if held and "config.json" not in held:
-        p.error(f"--hf-dir {args.hf_dir}: holds files that are not an export (no config.json: {shown}); --force "
-                f"replaces an earlier export only: choose another folder")
+    if held and not {"config.json", "model.safetensors"} <= set(held):
+        p.error(f"--hf-dir {args.hf_dir}: holds files that are not an export (no config.json and model.safetensors: "
+                f"{shown}); --force replaces an earlier export only: choose another folder")
     return target
 
 

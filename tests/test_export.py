@@ -71,7 +71,8 @@ print(json.dumps(dict(ids=ids, back=[tok.decode(i) for i in ids], eot=tok.conver
                       snippet=printed.getvalue())))
 """
 ROUND_TRIP = ["def f(x):\n    return x + 1\n", "naïve café, 日本語, emoji 🎉 and e\u0301", "\t\t  \n\n   \r\n \x0b\x0c x  ",
-              "ctrl \x00\x01\x1b[0m\x7f", "a<|endoftext|>b"]
+              "ctrl \x00\x01\x1b[0m\x7f", "a<|endoftext|>b", "f(a , b) . it 's ; do n't !"]  # the last: what
+# transformers' clean_up_tokenization_spaces would rewrite
 
 
 def card_snippet(folder):
