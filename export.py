@@ -225,7 +225,7 @@ def alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, run by another user
-        return True
+        pass
     return True
 
 
@@ -249,8 +249,8 @@ def publish(staging, target):
     fd = os.open(os.path.dirname(target), os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
-    if aside:
-        shutil.rmtree(aside)
+    if aside:  # the new export is in place: a failure to delete the old one must not say otherwise
+        shutil.rmtree(aside, ignore_errors=True)
     parent, base = os.path.split(target)
     for name in os.listdir(parent):  # what exports killed part way (kill -9, power cut) left: only now, with
         pid = name.removeprefix(f".{base}.export-").split("-")[0]  # the new export in place, is it garbage
@@ -303,7 +303,7 @@ def main(argv=None):
         try:
             staging = staging_folder(target)
         except OSError as e:
-            p.error(f"--hf-dir {args.hf_dir}: cannot write there ({e.strerror}): pass a folder you can write")
+            p.error(f"--hf-dir {args.hf_dir}: cannot write there ({e.strerror or e}): pass a folder you can write")
         model = load_model(args.out_dir)
         meta = run_data_meta(args.out_dir, model.train_config)
         enc = load_tokenizer(args.out_dir, model.train_config)
@@ -322,7 +322,7 @@ def main(argv=None):
                 f.write(card)
             publish(staging, target)
         except OSError as e:
-            p.error(f"--hf-dir {args.hf_dir}: writing the export failed ({e.strerror}): nothing was replaced")
+            p.error(f"--hf-dir {args.hf_dir}: writing the export failed ({e.strerror or e}): nothing was replaced")
     finally:
         if staging and os.path.isdir(staging):  # an error or Ctrl-C part way: the target is untouched
             shutil.rmtree(staging, ignore_errors=True)
