@@ -21,11 +21,13 @@ stationary point (all block gradients vanish: dB = scale * (dy^T x) A^T with x =
 only embeddings and lm_head would ever train. With delta = 0, B starts U(-1/sqrt(rank), 1/sqrt(rank)),
 nn.Linear's default for a (out, rank) weight. With delta > 0, S breaks the symmetry and B = 0.
 
-Two routes compute a layer: the dense route here (SLLinearFunction: rebuild W, one matmul), and
-the factorized route of kernels.py (Triton: x A^T, then B, plus sparse kernels; W never formed).
-route(x, layer) is the one place that picks between them. kernels.py imports this module and,
-on import, installs its route as `triton_forward`; this module never imports kernels.py.
+Two routes compute a layer in training: the dense route here (SLLinearFunction: rebuild W, one
+matmul), and the Triton route of kernels.py (x A^T, then B, plus sparse kernels; W never formed).
+route(x, layer) is the one place that picks between them. kernels.py imports this module at its top,
+so this module imports kernels.py only inside triton_route, when a layer first takes that route.
+Decoding has a third way, csr_forward at the end: the factors and S as a torch CSR tensor.
 """
+import functools
 import math
 import os
 import warnings
@@ -36,8 +38,7 @@ import torch.nn as nn
 METHODS = ("full", "lowrank", "sltrain")
 BLOCK_LINEARS = ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down")
 ROUTE = os.environ.get("SLTRAIN_ROUTE", "auto")  # "auto" | "dense" | "triton"
-SPARSE_SPEED = 0.02  # sparse-kernel FLOP/s over dense matmul FLOP/s (a guess; `python kernels.py --bench` measures it)
-triton_forward = None  # (x, layer) -> y: the factorized route, set by `import kernels`
+SPARSE_SPEED = 0.02  # sparse-kernel FLOP/s over dense matmul FLOP/s (a guess; benchmarks/kernel_bench.py measures it)
 
 
 def random_support(numel, nnz, generator):
@@ -58,6 +59,13 @@ def random_support(numel, nnz, generator):
         support = torch.cat([support, torch.randint(numel, (extra,), generator=generator)]).unique()
     keep = torch.randperm(support.numel(), generator=generator)[:nnz]
     return support[keep].sort().values
+
+
+def row_ptr(indices, out_features, in_features):
+    """S's CSR row offsets (out+1,), in `indices`' dtype: row i owns entries row_ptr[i]:row_ptr[i+1]
+    of `indices` and `values`, which are contiguous because `indices` is row-major sorted."""
+    counts = torch.bincount(torch.div(indices, in_features, rounding_mode="floor"), minlength=out_features)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(indices.dtype)
 
 
 def densify(A, B, values, indices, scale):
@@ -112,21 +120,34 @@ class SLLinearFunction(torch.autograd.Function):
 
 def choose_route(T, in_features, out_features, rank, nnz):
     """The cheaper route for T tokens by kernels.py's cost model, in tensor-core multiply-adds."""
-    dense_route = 3 * T * in_features * out_features + 4 * in_features * out_features * rank
-    factorized = 3 * T * rank * (in_features + out_features) + 3 * T * nnz / SPARSE_SPEED
-    return "triton" if factorized < dense_route else "dense"
+    dense_cost = 3 * T * in_features * out_features + 4 * in_features * out_features * rank
+    triton_cost = 3 * T * rank * (in_features + out_features) + 3 * T * nnz / SPARSE_SPEED
+    return "triton" if triton_cost < dense_cost else "dense"
+
+
+@functools.cache
+def triton_route():
+    """kernels.layer_forward, (x, layer) -> y, or None where the triton package is not installed.
+    Imported on first use, not at the top: kernels.py imports this module."""
+    try:
+        import kernels
+    except ModuleNotFoundError as e:
+        if e.name != "triton":  # a missing triton means no Triton route; anything else is a bug
+            raise
+        return None
+    return kernels.layer_forward
 
 
 def route(x, layer):
     """"dense" or "triton": the route layer(x) takes. ROUTE ("auto", or SLTRAIN_ROUTE) forces one;
-    auto takes the Triton route only for CUDA tensors, with kernels.py imported, when it is cheaper."""
+    auto takes the Triton route only for CUDA tensors, with triton installed, when it is cheaper."""
     if ROUTE not in ("auto", "dense", "triton"):
         raise ValueError(f"SLTRAIN_ROUTE must be 'auto', 'dense' or 'triton', got {ROUTE!r}")
-    if ROUTE == "triton" and triton_forward is None:
-        raise RuntimeError("the triton route needs `import kernels` (it installs itself into sltrain)")
+    if ROUTE == "triton" and triton_route() is None:
+        raise RuntimeError("SLTRAIN_ROUTE=triton needs the triton package (kernels.py): pip install triton")
     if ROUTE != "auto":
         return ROUTE
-    if not x.is_cuda or triton_forward is None:
+    if not x.is_cuda or triton_route() is None:
         return "dense"
     T = x.numel() // x.shape[-1]
     return choose_route(T, layer.in_features, layer.out_features, layer.rank, layer.nnz)
@@ -137,7 +158,7 @@ def takes_triton(model, token_counts, cuda):
     tensors or not: each layer it does builds its SupportLayout there (kernels.support_layout)."""
     if ROUTE != "auto":
         return ROUTE == "triton"
-    return cuda and triton_forward is not None and any(
+    return cuda and triton_route() is not None and any(
         choose_route(T, m.in_features, m.out_features, m.rank, m.nnz) == "triton"
         for T in token_counts for m in model.modules() if isinstance(m, SLLinear))
 
@@ -189,7 +210,7 @@ class SLLinear(nn.Module):
 
     def forward(self, x):
         if route(x, self) == "triton":
-            return triton_forward(x, self)
+            return triton_route()(x, self)
         return SLLinearFunction.apply(x, self.A, self.B, self.values, self.indices, self.scale)
 
     def extra_repr(self):
@@ -228,11 +249,11 @@ def swap_linears(model, method, rank=None, delta=None, alpha=None, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# decoding from the factors
+# decoding from the factors and S in CSR form
 
 
 @torch.no_grad()
-def factorized_forward(layer, x):
+def csr_forward(layer, x):
     """y = scale * (x A^T) B^T + x S^T for an SLLinear `layer`, without forming the dense W.
 
     Decoding reads every weight once per token, so its speed is the bytes it reads: A and B
@@ -247,14 +268,11 @@ def factorized_forward(layer, x):
     key = (layer.values.data_ptr(), layer.values._version, layer.indices.data_ptr(), layer.indices._version)
     if getattr(layer, "_csr_key", None) != key:
         n_in, n_out = layer.in_features, layer.out_features
-        rows = torch.div(layer.indices, n_in, rounding_mode="floor")
-        row_ptr = torch.zeros(n_out + 1, dtype=layer.indices.dtype, device=layer.indices.device)
-        row_ptr[1:] = torch.bincount(rows, minlength=n_out).cumsum(0)  # entries of row i: row_ptr[i]:row_ptr[i+1]
         with warnings.catch_warnings():  # torch flags its CSR tensors as beta on first use
             warnings.simplefilter("ignore")
             values = layer.values.detach().float() if layer.values.is_cpu else layer.values.detach()
-            layer._csr = torch.sparse_csr_tensor(row_ptr, layer.indices % n_in, values, (n_out, n_in),
-                                                 check_invariants=False)
+            layer._csr = torch.sparse_csr_tensor(row_ptr(layer.indices, n_out, n_in), layer.indices % n_in, values,
+                                                 (n_out, n_in), check_invariants=False)
         layer._csr_key = key
     x2 = x.reshape(-1, layer.in_features)  # (N, in)
     y = (x2 @ layer.A.t()) @ layer.B.t()  # (N, r) then (N, out): the low-rank product, never B @ A

@@ -61,9 +61,9 @@ PARTS = [
     # shorten; the Triton kernels compile instead of running in the interpreter.
     Part("test suite", ["-m", "pytest", "-q"], 170, quick=True),
     # 15 s on the 2-core CPU machine: ptxas and cuobjdump, no GPU involved
-    Part("compile report", ["kernels.py", "--compile-report"], 20, quick=True),
+    Part("compile report", ["benchmarks/compile_report.py"], 20, quick=True),
     # 15 layer shapes x 12 do_bench calls of ~0.2-0.4 s (each times ms-long products), plus compiles
-    Part("kernel bench", ["kernels.py", "--bench"], 60, quick=True),
+    Part("kernel bench", ["benchmarks/kernel_bench.py"], 60, quick=True),
     # 60m at the stdlib's 257-token vocabulary: 25M block weights, ~165 MFLOP a token, 21.6 TFLOP a
     # step; at 150-250 TFLOP/s (dim 512 is small for an H100) 0.1-0.15 s a step, the dense route a
     # little more. 50 steps ~8 s, plus ~25 s to start (imports, CUDA, the data: 3 s), eval, checkpoint.

@@ -1,6 +1,6 @@
 """Every Triton kernel compiles for the GPUs the project targets, checked on any machine.
 
-`python kernels.py --compile-report` compiles ahead of time for sm_80 (A100) and sm_90 (H100), no
+`python benchmarks/compile_report.py` compiles ahead of time for sm_80 (A100) and sm_90 (H100), no
 GPU needed; it runs in a subprocess because conftest.py turns the interpreter on in this one.
 """
 import json
@@ -10,10 +10,11 @@ import subprocess
 import sys
 
 import pytest
-
-import kernels
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import compile_report  # noqa: E402
 KEYS = {"kernel", "arch", "dtype", "registers", "spills", "shared_bytes", "occupancy"}
 TRAINING_DTYPES = ("bf16", "bf16/fp32", "fp32")  # fp64 runs only in tests
 
@@ -21,7 +22,7 @@ TRAINING_DTYPES = ("bf16", "bf16/fp32", "fp32")  # fp64 runs only in tests
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "kernels.py", "--compile-report"], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "benchmarks/compile_report.py"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     return [json.loads(line) for line in out.stdout.splitlines()]
@@ -51,25 +52,27 @@ def test_sparse_kernels_fit_128_registers_on_sm90(report):
 
 def test_occupancy_follows_the_sm_rules():
     # registers round up to 8 per thread (256 per warp); 65,536 per SM
-    assert kernels.occupancy(157, 9216, 4, 90) == 12 / 64  # 160 x 32 x 4 = 20,480 per block: 3 blocks
-    assert kernels.occupancy(233, 1280, 4, 90) == 8 / 64  # 240: 2 blocks
-    assert kernels.occupancy(72, 5120, 4, 90) == 28 / 64  # 72: 7 blocks
-    assert kernels.occupancy(255, 0, 8, 80) == 8 / 64  # 256 x 32 x 8 = 65,536: 1 block
-    assert kernels.occupancy(100, 0, 1, 90) == 19 / 64  # 104 x 32 = 3,328 per warp: 19 (not 20) warps
-    assert kernels.occupancy(16, 0, 4, 90) == 1.0  # 32 blocks of 4 warps: the 64-warp limit
-    assert kernels.occupancy(16, 0, 1, 90) == 0.5  # 32 blocks of 1 warp: the 32-block limit
-    assert kernels.occupancy(32, 80 * 1024, 4, 80) == 8 / 64  # shared: 164 KB / 81 KB = 2 blocks on an A100
-    assert kernels.occupancy(32, 80 * 1024, 4, 90) == 8 / 64  # 228 KB / 81 KB = 2 on an H100
-    assert kernels.occupancy(32, 60 * 1024, 4, 90) == 12 / 64  # 228 / 61 = 3 on an H100, 164 / 61 = 2 on an A100
-    assert kernels.occupancy(32, 60 * 1024, 4, 80) == 8 / 64
-    assert kernels.occupancy(32, 57 * 1024, 4, 90) == 12 / 64  # 57 KB + the 1 KB CUDA reserves: 3 blocks, not 4
+    assert compile_report.occupancy(157, 9216, 4, 90) == 12 / 64  # 160 x 32 x 4 = 20,480 per program: 3 programs
+    assert compile_report.occupancy(233, 1280, 4, 90) == 8 / 64  # 240: 2 programs
+    assert compile_report.occupancy(72, 5120, 4, 90) == 28 / 64  # 72: 7 programs
+    assert compile_report.occupancy(255, 0, 8, 80) == 8 / 64  # 256 x 32 x 8 = 65,536: 1 program
+    assert compile_report.occupancy(100, 0, 1, 90) == 19 / 64  # 104 x 32 = 3,328 per warp: 19 (not 20) warps
+    assert compile_report.occupancy(16, 0, 4, 90) == 1.0  # 32 programs of 4 warps: the 64-warp limit
+    assert compile_report.occupancy(16, 0, 1, 90) == 0.5  # 32 programs of 1 warp: the 32-program limit
+    assert compile_report.occupancy(32, 80 * 1024, 4, 80) == 8 / 64  # shared: 164 KB / 81 KB = 2 programs on an A100
+    assert compile_report.occupancy(32, 80 * 1024, 4, 90) == 8 / 64  # 228 KB / 81 KB = 2 on an H100
+    assert compile_report.occupancy(32, 60 * 1024, 4, 90) == 12 / 64  # 228 / 61 = 3 on an H100, 164 / 61 = 2 on an A100
+    assert compile_report.occupancy(32, 60 * 1024, 4, 80) == 8 / 64
+    assert compile_report.occupancy(32, 57 * 1024, 4, 90) == 12 / 64  # 57 KB + the 1 KB CUDA reserves: 3 programs, not 4
 
 
 # sddmm's compiled atomics, per launch dtype: PTX names the memory order in each atom/red instruction
 SDDMM_ATOMICS = r"""
-import json, re, triton, kernels
+import json, re, sys, triton
+sys.path.insert(0, "benchmarks")
+import compile_report, kernels
 from triton.backends.compiler import GPUTarget
-for name, dtype, fn, types, constexprs, num_warps in kernels.launches():
+for name, dtype, fn, types, constexprs, num_warps in compile_report.launches():
     if fn is kernels.sddmm_kernel:
         signature = {a: "constexpr" if a in constexprs else types.get(a, "i32") for a in fn.arg_names}
         k = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
@@ -90,3 +93,24 @@ def test_sddmm_adds_with_relaxed_atomics_on_sm90():
     for dtype, instructions in atomics.items():
         relaxed = all(".relaxed." in i and "acq_rel" not in i for i in instructions)
         assert instructions and relaxed, (dtype, instructions)
+
+
+# -----------------------------------------------------------------------------
+# benchmarks/kernel_bench.py, which measures the f of kernels.py's cost model on a GPU
+
+
+def test_kernel_bench_times_the_paper_sizes():
+    import kernel_bench
+    from model import CONFIGS
+    assert "tiny-narrow" in CONFIGS  # a test size, which the bench must leave out
+    assert list(kernel_bench.SHAPES) == ["60m", "130m", "350m", "1b", "7b"]
+    assert kernel_bench.SHAPES["7b"] == (4096, 11008, 1024, 0.05)  # the paper's 7b: dim, ffn, rank, delta
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine it would run the bench")
+def test_kernel_bench_refuses_without_cuda():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "benchmarks/kernel_bench.py", "--models", "60m"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stderr == "error: kernel_bench.py needs a CUDA GPU; none here, so nothing " \
+                                                 "is measured\n"

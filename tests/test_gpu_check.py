@@ -38,8 +38,8 @@ def test_plans_fit_the_window():
     quick, full = gpu_check.plan(quick=True), gpu_check.plan(quick=False)
     assert sum(p.plan for p in quick) <= 300 and sum(p.plan for p in full) <= 540
     assert gpu_check.DEADLINE == dict(quick=300, full=540)
-    assert [p.args[:2] for p in quick[:3]] == [["-m", "pytest"], ["kernels.py", "--compile-report"],
-                                               ["kernels.py", "--bench"]]
+    assert [p.args[:2] for p in quick[:3]] == [["-m", "pytest"], ["benchmarks/compile_report.py"],
+                                               ["benchmarks/kernel_bench.py"]]
     assert [(p.args[:2], 40 <= p.steps <= 60) for p in quick[3:]] == [(["--model", "60m"], True)]
     assert set(p.title for p in quick) < set(p.title for p in full)
     forced = [p for p in full if p.env]
@@ -127,7 +127,8 @@ def test_quick_runs_its_four_parts_into_its_own_report(on_a_gpu, monkeypatch):
     calls = []
     monkeypatch.setattr(gpu_check, "run", fake_run(calls))
     assert gpu_check.main(["--quick"]) == 0
-    assert [args[0] for args, _, _ in calls] == ["-m", "kernels.py", "kernels.py", "train.py"]
+    assert [args[0] for args, _, _ in calls] == ["-m", "benchmarks/compile_report.py", "benchmarks/kernel_bench.py",
+                                                 "train.py"]
     args = calls[-1][0]
     assert args[1:5] == ["--model", "60m", "--method", "sltrain"] and args[args.index("--max-steps") + 1] == "50"
     assert os.listdir(on_a_gpu) == ["gpu_check-nvidia-h100-80gb-hbm3-quick.md"]
@@ -136,7 +137,7 @@ def test_quick_runs_its_four_parts_into_its_own_report(on_a_gpu, monkeypatch):
 def test_a_stopped_check_keeps_every_finished_part(on_a_gpu, monkeypatch):
     """Killed from outside during the kernel bench (the window closed): the parts before it are on disk."""
     def outcome(args):
-        if args[:2] == ["kernels.py", "--bench"]:
+        if args[0] == "benchmarks/kernel_bench.py":
             raise KeyboardInterrupt  # what SIGTERM becomes (gpu_check.stop)
         return "ok"
     monkeypatch.setattr(gpu_check, "run", fake_run([], outcome))

@@ -7,6 +7,8 @@ bf16 tests check loads, stores and output dtypes with a bf16-sized tolerance on 
 """
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,8 +19,8 @@ from sltrain import SLLinear, SLLinearFunction
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # SMALL: many programs, several token chunks, masked edges on every axis. LARGE: few programs (fast).
-SMALL = kernels.Blocks(BLOCK_ROWS=16, BLOCK_T=16, TOKENS_PER_PROGRAM=32, TOKEN_CHUNK=48)
-LARGE = kernels.Blocks(BLOCK_ROWS=64, BLOCK_T=64, TOKENS_PER_PROGRAM=64, TOKEN_CHUNK=1024)
+SMALL = kernels.Tiles(TILE_ROWS=16, TILE_T=16, TOKENS_PER_PROGRAM=32, TOKEN_CHUNK=48)
+LARGE = kernels.Tiles(TILE_ROWS=64, TILE_T=64, TOKENS_PER_PROGRAM=64, TOKEN_CHUNK=1024)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="route 'auto' runs Triton only on CUDA tensors")
 
 
@@ -40,8 +42,8 @@ def oracle(x, layer, dy):
     return run(SLLinearFunction.apply, x, layer, dy, torch.float64)
 
 
-def triton_route(blocks=None):
-    return lambda *args: kernels.sl_linear(*args, blocks=blocks)
+def triton_route(tiles=None):
+    return lambda *args: kernels.sl_linear(*args, tiles=tiles)
 
 
 def rel_err(a, b):
@@ -75,26 +77,26 @@ def test_transposed_rows_start_16_aligned(device):
     assert torch.equal(t, a.t()) and t.stride() == (48, 1)  # what the kernels' tl.multiple_of promises
 
 
-CASES = [  # (x shape, out, rank, delta, blocks)
+CASES = [  # (x shape, out, rank, delta, tiles)
     ((37, 45), 29, 5, 0.1, LARGE),  # odd sizes, one program per axis
-    ((2, 35, 33), 50, 4, 0.2, SMALL),  # batch dims; T=70 spans two token chunks and partial blocks
+    ((2, 35, 33), 50, 4, 0.2, SMALL),  # batch dims; T=70 spans two token chunks and partial tiles
     ((1, 16), 16, 16, 0.5, LARGE),  # one token, full rank
     ((19, 130), 70, 8, 0.03, SMALL),  # some rows and columns of S without entries
 ]
 
 
-@pytest.mark.parametrize("x_shape,n_out,rank,delta,blocks", CASES)
-def test_fp32_matches_fp64_oracle(device, x_shape, n_out, rank, delta, blocks):
+@pytest.mark.parametrize("x_shape,n_out,rank,delta,tiles", CASES)
+def test_fp32_matches_fp64_oracle(device, x_shape, n_out, rank, delta, tiles):
     layer = make_layer(x_shape[-1], n_out, rank, delta, device)
     x, dy = inputs(x_shape, n_out, device)
-    got, want = run(triton_route(blocks), x, layer, dy, torch.float32), oracle(x, layer, dy)
+    got, want = run(triton_route(tiles), x, layer, dy, torch.float32), oracle(x, layer, dy)
     for name, a, b in zip(("y", "dx", "dA", "dB", "dvalues"), got, want):
         assert a.dtype == torch.float32 and a.shape == b.shape, name
         assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
 
 
 # The token counts route "auto" sends to Triton (test_choose_route_follows_the_cost_model), at the
-# 1b and 7b proportions scaled down 32x and 64x (rank = dim / 4; delta .03, .05), default Blocks.
+# 1b and 7b proportions scaled down 32x and 64x (rank = dim / 4; delta .03, .05), default Tiles.
 AUTO_SHAPES = {"1b gate/up": (64, 171, 16, 0.03), "7b down": (172, 64, 16, 0.05)}
 
 
@@ -109,11 +111,11 @@ def test_auto_route_shapes_match_fp64_oracle(device, shape, T):
         assert a.shape == b.shape and rel_err(a, b) < 1e-5, (name, rel_err(a, b))
 
 
-@pytest.mark.parametrize("x_shape,n_out,rank,delta,blocks", CASES[:2])
-def test_fp64_matches_fp64_oracle(device, x_shape, n_out, rank, delta, blocks):
+@pytest.mark.parametrize("x_shape,n_out,rank,delta,tiles", CASES[:2])
+def test_fp64_matches_fp64_oracle(device, x_shape, n_out, rank, delta, tiles):
     layer = make_layer(x_shape[-1], n_out, rank, delta, device)
     x, dy = inputs(x_shape, n_out, device)
-    for name, a, b in zip(("y", "dx", "dA", "dB", "dvalues"), run(triton_route(blocks), x, layer, dy, torch.float64),
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dvalues"), run(triton_route(tiles), x, layer, dy, torch.float64),
                           oracle(x, layer, dy)):
         assert a.dtype == torch.float64 and rel_err(a, b) < 1e-12, (name, rel_err(a, b))
 
@@ -122,7 +124,7 @@ def test_gradcheck_fp64(device):
     layer = make_layer(7, 6, 2, 0.3, device, seed=5)
     x, _ = inputs((5, 7), 6, device)
     args = [t.detach().double().requires_grad_() for t in (x, layer.A, layer.B, layer.values)]
-    fn = lambda x, A, B, v: kernels.sl_linear(x, A, B, v, layer.indices, layer.scale, blocks=SMALL)
+    fn = lambda x, A, B, v: kernels.sl_linear(x, A, B, v, layer.indices, layer.scale, tiles=SMALL)
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8)
 
 
@@ -188,8 +190,8 @@ def test_forced_routes_and_cpu_auto(device, monkeypatch):
     with pytest.raises(ValueError):
         layer(x)
     monkeypatch.setattr(sltrain, "ROUTE", "triton")
-    monkeypatch.setattr(sltrain, "triton_forward", None)  # kernels.py never imported
-    with pytest.raises(RuntimeError, match="import kernels"):
+    monkeypatch.setattr(sltrain, "triton_route", lambda: None)  # triton not installed
+    with pytest.raises(RuntimeError, match="needs the triton package"):
         layer(x)
 
 
@@ -237,15 +239,46 @@ def test_layout_bytes_are_what_the_memory_plan_counts(device):
     layer = make_layer(45, 29, 5, 0.1, device)
     layout = kernels.SupportLayout(layer.indices, 29, 45)
     nbytes = sum(t.numel() * t.element_size() for t in (layout.row_ptr, layout.col_ptr, layout.col_order))
-    assert nbytes == 4 * (layer.nnz + 29 + 45 + 2)  # parallel.memory_plan's per-layer count
+    assert nbytes == 4 * (layer.nnz + 29 + 45 + 2)  # memory.memory_plan's per-layer count
 
 
-def imported_modules(path):
-    tree = ast.parse(open(os.path.join(ROOT, path)).read())
-    return {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
-           {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+def imported_modules(nodes):
+    return {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names} | \
+           {n.module for n in nodes if isinstance(n, ast.ImportFrom)}
 
 
-def test_no_import_cycle():
-    assert "sltrain" in imported_modules("kernels.py")
-    assert "kernels" not in imported_modules("sltrain.py")  # not even inside a function
+def test_kernels_import_sltrain_and_sltrain_imports_kernels_only_lazily():
+    kernels_py, sltrain_py = (ast.parse(open(os.path.join(ROOT, f)).read()) for f in ("kernels.py", "sltrain.py"))
+    assert "sltrain" in imported_modules(kernels_py.body)
+    assert "kernels" not in imported_modules(sltrain_py.body)  # no cycle at import time
+    lazy = next(n for n in sltrain_py.body if isinstance(n, ast.FunctionDef) and n.name == "triton_route")
+    assert "kernels" in imported_modules(ast.walk(lazy))
+
+
+# a fresh process: which modules `import sltrain` loads, and the route a layer takes, with SLTRAIN_ROUTE set
+ROUTE_PROBE = """
+import sys
+{hide}
+import torch, sltrain
+loaded = [m for m in ("kernels", "triton") if sys.modules.get(m) is not None]
+layer = sltrain.SLLinear(20, 24, 3, 0.2, alpha=6.0)
+try:
+    print(loaded, type(layer(torch.randn(5, 20)).grad_fn).__name__)
+except RuntimeError as e:
+    print(loaded, e)
+"""
+
+
+@pytest.mark.parametrize("route,hide_triton,found", [
+    ("triton", False, "SLLinearTritonBackward"),  # found by sltrain itself: nobody imported kernels
+    ("auto", False, "SLLinearFunctionBackward"),  # CPU tensors: dense, and kernels never imported
+    ("triton", True, "SLTRAIN_ROUTE=triton needs the triton package (kernels.py): pip install triton"),
+    ("auto", True, "SLLinearFunctionBackward"),
+])
+def test_sltrain_finds_the_triton_route_by_itself(route, hide_triton, found):
+    hide = "sys.modules['triton'] = None  # as if triton were not installed" if hide_triton else ""
+    env = {**os.environ, "SLTRAIN_ROUTE": route, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", ROUTE_PROBE.format(hide=hide)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == f"[] {found}\n"

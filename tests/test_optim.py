@@ -423,9 +423,11 @@ def test_subnormal_v_absmax_matches_torch_adamw(use_triton):
 def test_fused_kernel_compiles_to_ieee_sqrt_and_division():
     """Compiled for sm_90 (ahead of time, no GPU needed), the update uses round-to-nearest sqrt and
     division, the IEEE math of the interpreter and the PyTorch path, not the approximate PTX forms."""
-    code = ("import re, triton, kernels\n"
+    code = ("import re, sys, triton\n"
+            "sys.path.insert(0, 'benchmarks')\n"
+            "import compile_report\n"
             "from triton.backends.compiler import GPUTarget\n"
-            "for name, dtype, fn, types, constexprs, warps in kernels.launches():\n"
+            "for name, dtype, fn, types, constexprs, warps in compile_report.launches():\n"
             "    if name == '_adamw8bit_kernel':\n"
             "        sig = {a: 'constexpr' if a in constexprs else types.get(a, 'i32') for a in fn.arg_names}\n"
             "        k = triton.compile(triton.compiler.ASTSource(fn, sig, constexprs),\n"

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sltrain import SLLinear, SLLinearFunction, random_support, swap_linears
+from sltrain import SLLinear, SLLinearFunction, random_support, row_ptr, swap_linears
 
 
 def reference_weight(layer):
@@ -77,6 +77,18 @@ def test_support_is_sorted_unique_in_range_and_deterministic():
     assert not torch.equal(idx, SLLinear(100, 70, 10, 0.03, alpha=1.0, seed=8).indices)
     layer.reset_parameters()  # a resume that re-derives the support gets the same one
     assert torch.equal(idx, layer.indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_row_ptr_delimits_each_row_of_s(dtype):
+    """row_ptr (csr_forward's and the Triton route's CSR offsets) against counting a dense mask's rows."""
+    layer = SLLinear(45, 29, 5, 0.1, alpha=1.0, seed=3)  # some rows without entries, at 10% of 45 columns
+    mask = torch.zeros(29, 45, dtype=torch.bool)
+    mask.view(-1)[layer.indices.long()] = True
+    ptr = row_ptr(layer.indices.to(dtype), 29, 45)
+    assert ptr.dtype == dtype and ptr.shape == (30,) and ptr[0] == 0
+    assert torch.equal(ptr.diff(), mask.sum(1).to(dtype))
+    assert torch.equal(row_ptr(torch.empty(0, dtype=dtype), 3, 4), torch.zeros(4, dtype=dtype))  # lowrank: no S
 
 
 @pytest.mark.parametrize("nnz", [3, 20])  # the rejection branch and the randperm branch
