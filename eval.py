@@ -4,8 +4,8 @@ Evaluate a run's checkpoint without training: validation loss and perplexity.
     python eval.py --out-dir out/tiny-sltrain                       # on the run's own val split
     python eval.py --out-dir out/60m-sltrain --data data/c4 --eval-tokens 10000000
 
-The model comes from sample.load_model (any method, single-file or sharded checkpoint); the
-windows and the loss are train.py's own (train.evaluate on data.loader's fixed val windows), so
+The model comes from checkpoint.load_model (any method, single-file or sharded checkpoint); the
+windows and the loss are train.py's own (model.evaluate on data.loader's fixed val windows), so
 the figure equals the eval record the run logged at that step with the same --eval-tokens and
 device (on a CPU it evaluates in fp32, where a GPU run logged bf16 compute).
 """
@@ -15,9 +15,11 @@ import sys
 
 import torch
 
-import train
+from checkpoint import load_model
+from config import DEFAULT_DATA, devices
 from data.loader import load_data
-from sample import load_model, load_tokenizer
+from model import autocast, evaluate, perplexity
+from sample import load_tokenizer
 
 
 def main(argv=None):
@@ -32,25 +34,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.out_dir is None:
         p.error("--out-dir is required: the folder of a run train.py wrote")
-    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{n}" for n in range(torch.cuda.device_count())]
     for ok, flag, rule in (  # (holds?, the flag as typed, what a valid value is), as train.py checks its own
             (args.eval_tokens is None or args.eval_tokens >= 1, f"--eval-tokens {args.eval_tokens}", "must be >= 1"),
             (args.batch_size is None or args.batch_size >= 1, f"--batch-size {args.batch_size}", "must be >= 1"),
             (args.data is None or os.path.isdir(args.data), f"--data {args.data}", "must be a folder data/prepare.py "
              "wrote (train.bin, val.bin, meta.json)"),
-            (args.device in devices, f"--device {args.device}", f"must be one of: {', '.join(devices)}")):
+            (args.device in devices(), f"--device {args.device}", f"must be one of: {', '.join(devices())}")):
         if not ok:
             p.error(f"{flag}: {rule}")
 
     model = load_model(args.out_dir, args.device)
     run = argparse.Namespace(**model.train_config)
-    # the run's flags, with this command's choices on top: what train.evaluate and load_data read
+    # the run's flags, with this command's choices on top: what load_data and eval_batches read
     run.device, run.dist = args.device, "none"
     run.dtype = args.dtype or ("float32" if args.device == "cpu" else run.dtype)
     run.data = args.data or run.data
     run.eval_tokens = args.eval_tokens or run.eval_tokens
     run.batch_size = args.batch_size or run.batch_size
-    meta, _, val, error = load_data(run, 0, train.DEFAULT_DATA)
+    meta, _, val, error = load_data(run, 0, DEFAULT_DATA)
     if error:
         sys.exit(f"error: {error}")
     tokenizer = load_tokenizer(args.out_dir, model.train_config).name
@@ -58,11 +59,10 @@ def main(argv=None):
         sys.exit(f"error: {run.data} is tokenized with {meta.get('tokenizer')!r} (vocab {meta['vocab_size']}), the "
                  f"run with {tokenizer!r} (vocab {model.cfg.vocab_size}): evaluate on data prepared the same way")
 
-    dtype = getattr(torch, run.dtype)
-    autocast = torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    loss = train.evaluate(model, val, run, autocast, rank=0, world=1)
-    n_tokens = max(1, min(run.eval_tokens, len(val.tokens) - 1) // run.seq_len) * run.seq_len  # as eval_batches
-    print(f"{model.checkpoint}: val loss {loss:.4f} | val ppl {train.perplexity(loss):.2f} | {n_tokens:,} tokens of "
+    batches = val.eval_batches(run.eval_tokens, run.batch_size, run.seq_len, args.device)
+    loss_sum, n_tokens = evaluate(model, batches, autocast(args.device, getattr(torch, run.dtype)), args.device)
+    loss = (loss_sum / n_tokens).item()  # train.py's validation_loss in one process
+    print(f"{model.checkpoint}: val loss {loss:.4f} | val ppl {perplexity(loss):.2f} | {n_tokens:,} tokens of "
           f"{run.data} in windows of {run.seq_len}, {run.dtype}")
     return loss
 

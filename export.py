@@ -35,7 +35,8 @@ from functools import partial
 import torch
 
 from hf_tokenizer import write_tokenizer
-from sample import load_model, load_tokenizer, run_data_meta
+from checkpoint import load_model, read_log, run_data_meta
+from sample import load_tokenizer
 from sltrain import SLLinear, densify
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -122,15 +123,10 @@ def generation_config(meta):
 # the model card
 
 
-def read_log(out_dir):
-    """log.jsonl's records; a torn or merged line (a killed write) is skipped, not fatal."""
-    path, records = os.path.join(out_dir, "log.jsonl"), []
-    for line in open(path) if os.path.exists(path) else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+def run_log(out_dir):
+    """log.jsonl's records (checkpoint.read_log: a torn or merged line is named and skipped)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    return read_log(path) if os.path.exists(path) else []
 
 
 def command(config):
@@ -317,7 +313,7 @@ def main(argv=None):
                     json.dump(content, f, indent=2)
             write_tokenizer(staging, enc, meta["eot_token"], model.cfg.max_seq_len)
             n_params = sum(torch.Size(shape).numel() for _, shape, _ in entries)
-            card = model_card(model, meta, read_log(args.out_dir), n_params, n_bytes, args.dtype, args.hf_dir)
+            card = model_card(model, meta, run_log(args.out_dir), n_params, n_bytes, args.dtype, args.hf_dir)
             with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
                 f.write(card)
             publish(staging, target)

@@ -10,7 +10,11 @@ Build any size on the meta device (free), then materialise and initialise:
 
 Decoding (sample.py) keeps each layer's keys and values in a KVCache, so a new token costs one
 token's work: model.setup_cache(), then model(prompt, start_pos=0), model(next_id, start_pos=T), ...
+
+ModelConfig also carries, per size, the paper's SLTrain settings (rank, alpha, delta): train.py's
+defaults for --rank, --alpha and --delta. The model itself never reads them.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +32,7 @@ class ModelConfig:
     max_seq_len: int = 1024
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # the paper's SLTrain settings for this size (used by train.py as defaults)
+    # the paper's SLTrain settings for this size: train.py's defaults (the model never reads them)
     rank: int = 128
     alpha: float = 32.0
     delta: float = 0.03
@@ -221,3 +225,28 @@ def count_params(model):
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def autocast(device, dtype):
+    """The context a forward runs in: bf16 autocast on `device`, or nothing for fp32 (fp16 would need a
+    loss scaler, so it is not offered)."""
+    return torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast, device):
+    """(sum of the next-token losses over every target token of `batches`, as a float64 device tensor;
+    the number of tokens, a host int: counting on the host never waits for the device)."""
+    model.eval()
+    loss_sum, n_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    for x, y in batches:
+        with autocast:
+            _, loss = model(x, y)
+        loss_sum += loss.double() * y.numel()
+        n_tokens += y.numel()
+    model.train()
+    return loss_sum, n_tokens
+
+
+def perplexity(loss):
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows past 709.78

@@ -124,7 +124,7 @@ def table(run, method, rank, delta, rows):
     lines = [f"# Spectrum of {run} ({method}), r = {rank}, delta = {delta:g}", "",
              "energy(r): share of ||W||_F^2 in the top r singular values; eff. rank: exp(entropy of s / sum s); "
              "kurtosis: excess kurtosis of the entries of R = W - W_r (0 for a Gaussian); random / top: share of "
-             f"||R||_F^2 on a uniformly random support / on the largest |R_ij|, nnz = floor(delta * out * in)"
+             "||R||_F^2 on a uniformly random support / on the largest |R_ij|, nnz = floor(delta * out * in)"
              + ("; own: on the layer's trained support" if own else "") + ".", "",
              "| layer | shape | energy(r) | eff. rank | kurtosis | random | top |" + (" own |" if own else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if own else "")]

@@ -41,6 +41,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from checkpoint import read_log  # noqa: E402  a torn or merged log line (a kill, two writers) is named and skipped
 METHODS = ("full", "lowrank", "sltrain")
 LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # log-spaced, two per decade
 LRS = LADDER[2:7]  # the sweep: 1e-4 ... 1e-2 (GaLore's range), one rung further while the best is at an edge
@@ -75,11 +77,6 @@ def name_of(task):
     model = "" if task.model == "tiny" else task.model + "-"
     setting = "" if task.rank is None else f"-r{task.rank}-d{task.delta:g}"
     return f"{model}{task.method}{setting}-lr{task.lr:g}-seed{task.seed}-steps{task.steps}"
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("}\n")]
 
 
 def final_val(records, steps):
@@ -279,13 +276,20 @@ def report(args, sweep, seeds, longer):
     return finals
 
 
-def plot(args, sweep, seeds, finals, longer):
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (with a line saying so): only the plots need it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no plots")
+
+
+def plot(args, sweep, seeds, finals, longer):
+    plt = pyplot()
+    if plt is None:
         return
     colors = dict(full="tab:blue", lowrank="tab:orange", sltrain="tab:green")
     fig, ax = plt.subplots(figsize=(6, 4))

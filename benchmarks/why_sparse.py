@@ -227,12 +227,8 @@ def report(args, res, sizes):
 
 
 def plot(args, res, sizes):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no plot")
+    plt = study.pyplot()
+    if plt is None:
         return
     colors = dict(full="tab:blue", lowrank="tab:orange", sltrain="tab:green")
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -96,9 +96,11 @@ def write_tokens(docs, enc, f, split, max_tokens=None):
 
 def write_dataset(out_dir, enc, train_docs, val_docs, meta, train_tokens=None, val_tokens=None):
     """Write train.bin, val.bin, then meta.json (source fields in `meta` plus counts) to
-    out_dir. Every file is written to a temporary name in out_dir and moved into place with
-    os.replace, so a crash never leaves a half-written file under a real name."""
+    out_dir. Every file is written to a temporary name and moved into place (checkpoint.atomic_write),
+    so a crash never leaves a half-written file under a real name."""
     assert enc.n_vocab <= 2 ** 16, "token ids must fit in uint16"
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python data/prepare.py
+    from checkpoint import atomic_write  # the one atomic write, checkpoints' too
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -108,25 +110,14 @@ def write_dataset(out_dir, enc, train_docs, val_docs, meta, train_tokens=None, v
                 dtype="uint16", val_percent=VAL_PERCENT, train_tokens=0, val_tokens=0,
                 n_documents={"train": 0, "val": 0})
 
-    def atomic_write(name, write):
-        tmp = os.path.join(out_dir, f".{name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                result = write(f)
-            os.replace(tmp, os.path.join(out_dir, name))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return result
-
     # val first: it is small, so a source that fails does so before the long train pass
     for split, docs, budget in (("val", val_docs, val_tokens), ("train", train_docs, train_tokens)):
-        n_tok, n_doc = atomic_write(f"{split}.bin",
+        n_tok, n_doc = atomic_write(os.path.join(out_dir, f"{split}.bin"),
                                     lambda f: write_tokens(docs, enc, f, split, budget))
         meta[f"{split}_tokens"] = n_tok
         meta["n_documents"][split] = n_doc
     meta["seconds"] = round(time.time() - t0, 2)
-    atomic_write("meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
     return meta
 
 

@@ -1,11 +1,13 @@
 """python tests/kill_at.py <train.py flags>: train.py, except that with NANO_SLTRAIN_KILL_AT=<point>:<n>
 the process SIGKILLs itself the n-th time it reaches <point>, as a power cut or the OOM killer
-would: no exception, no cleanup, no flush. `{rank}` in a flag becomes the process's rank (per-rank
+would: no exception, no cleanup, no flush. With NANO_SLTRAIN_SIGNAL_AT=<SIGNAL>:<n>[:<times>] it sends
+itself that signal (SIGINT as Ctrl-C does, SIGTERM as a scheduler does; <times> in a row) as its n-th
+training step begins, on rank $SIGNAL_RANK only (default 0). `{rank}` in a flag becomes the process's rank (per-rank
 paths under torchrun). `python tests/kill_at.py --serve` runs many (see serve). The points, each
 patched in from outside so train.py stays as it is:
 
     batch     inside a training step, as it fetches a micro-batch (TokenData.random_batch)
-    eval      inside an evaluation (train.evaluate), after the step's train record
+    eval      inside an evaluation (train.validation_loss), after the step's train record
     log       inside a log write: the first half of the record's line is on disk
     save      inside torch.save of a checkpoint: the first half of the file is on disk
     rename    with a checkpoint (ckpt.pt or latest-sharded) complete, just before its rename
@@ -26,6 +28,7 @@ from data.loader import TokenData  # noqa: E402
 
 point, _, nth = os.environ.get("NANO_SLTRAIN_KILL_AT", "").partition(":")
 reached = 0
+signal_at = os.environ.get("NANO_SLTRAIN_SIGNAL_AT", "").split(":")
 
 
 def now(at):
@@ -45,7 +48,7 @@ def patch(owner, name, wrap):
 
 
 patch(TokenData, "random_batch", lambda real: lambda *a, **k: (now("batch") and die()) or real(*a, **k))
-patch(train, "evaluate", lambda real: lambda *a, **k: (now("eval") and die()) or real(*a, **k))
+patch(train, "validation_loss", lambda real: lambda *a, **k: (now("eval") and die()) or real(*a, **k))
 
 
 def save(real):
@@ -93,9 +96,23 @@ def log_open(path, mode="r", *args, **kwargs):
     return TornLog(f) if os.path.basename(path) == "log.jsonl" and mode in ("a", "w") else f
 
 
+def signal_self(real):
+    steps = []
+
+    def train_step(*args, **kwargs):
+        steps.append(1)
+        if signal_at[0] and len(steps) == int(signal_at[1]) and os.environ.get("RANK", "0") == os.environ.get(
+                "SIGNAL_RANK", "0"):
+            for _ in range(int(signal_at[2]) if len(signal_at) > 2 else 1):
+                os.kill(os.getpid(), getattr(signal, signal_at[0]))  # handled before os.kill returns
+        return real(*args, **kwargs)
+    return train_step
+
+
 patch(torch, "save", save)
 patch(os, "replace", replace)
-train.open = log_open  # train.py's own open(): a module global shadows the builtin
+patch(train, "train_step", signal_self)
+train.open = log_open  # train.py's own open() (its Log): a module global shadows the builtin
 
 
 

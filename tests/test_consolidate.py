@@ -1,4 +1,4 @@
-"""parallel.consolidate (train.py --consolidate) under torchrun, 2 CPU ranks (gloo), against the shards
+"""checkpoint.consolidate (python checkpoint.py) under torchrun, 2 CPU ranks (gloo), against the shards
 themselves: model.pt is every rank's local shard put back together, and only rank 0 holds the model
 (tests/consolidate_probe.py records the full tensors each rank holds)."""
 import json

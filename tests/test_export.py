@@ -7,14 +7,15 @@ import os
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 
 import pytest
-import struct
 import torch
 import transformers
 
+import checkpoint
 import export
 import sample
 from run_script import ROOT, run_cases
@@ -25,7 +26,7 @@ from sltrain import METHODS
 def test_transformers_gives_our_logits(tiny_run, tmp_path, method):
     run = tiny_run(method)
     export.main(["--out-dir", run, "--hf-dir", str(tmp_path)])
-    ours = sample.load_model(run)
+    ours = checkpoint.load_model(run)
     theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     assert theirs.config.vocab_size == 257 and not theirs.config.tie_word_embeddings
     ids = torch.randint(0, 257, (2, 64))
@@ -48,7 +49,7 @@ def test_safetensors_layout(tiny_run, tmp_path):
     assert emb["dtype"] == "BF16" and emb["shape"] == [257, 128]
     start, end = emb["data_offsets"]
     raw = torch.frombuffer(bytearray(data[8 + n + start:8 + n + end]), dtype=torch.bfloat16).view(257, 128)
-    assert torch.equal(raw, sample.load_model(tiny_run("sltrain")).tok_emb.weight.detach().bfloat16())
+    assert torch.equal(raw, checkpoint.load_model(tiny_run("sltrain")).tok_emb.weight.detach().bfloat16())
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
@@ -85,7 +86,7 @@ def test_the_folder_works_with_transformers_alone(tiny_run, tmp_path):
     generation; greedy generate gives sample.py --temperature 0's text; the card's snippet runs."""
     run, hf = tiny_run("sltrain"), tmp_path / "hf"
     export.main(["--out-dir", run, "--hf-dir", str(hf)])
-    enc = sample.load_tokenizer(run, sample.load_model(run).train_config)  # the project's tokenizer
+    enc = sample.load_tokenizer(run, checkpoint.load_model(run).train_config)  # the project's tokenizer
     prompt, n = "def ", 32  # n: the card's max_new_tokens at context 64
     r = subprocess.run([sys.executable, "-c", HF_ONLY, json.dumps([str(hf), ROUND_TRIP, prompt, n, card_snippet(hf)])],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)  # cwd: no project file importable

@@ -14,7 +14,8 @@ import torch
 import train
 from data.loader import TokenData
 from model import CONFIGS, LLaMA
-from optim import AdamW8bit, PerLayerOptimizer
+from optim import AdamW8bit
+from per_layer import PerLayerOptimizer
 from sltrain import SLLinear, swap_linears
 
 SMALL = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "1024", "--log-every", "1"]
@@ -192,9 +193,9 @@ def test_eval_counts_tokens_on_the_host(data_dir, monkeypatch):
                            "--device", "cpu"])
     model = train.build_model(args, meta["vocab_size"]).to_empty(device="cpu").init_weights(seed=0)
     real_tensor = torch.tensor
-    monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("torch.tensor in evaluate") if "device" in k
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("torch.tensor in validation_loss") if "device" in k
                         else real_tensor(*a, **k))
-    loss = train.evaluate(model, val, args, torch.autocast("cpu", enabled=False), 0, 1)
+    loss = train.validation_loss(model, val, args, torch.autocast("cpu", enabled=False), 0, 1)
     monkeypatch.undo()
     with torch.no_grad():  # the mean over 6 windows of 32 tokens, batch by batch here
         want = sum(model(x, y)[1].double() * y.numel() for x, y in val.eval_batches(6 * 32, 2, 32, "cpu")) / (6 * 32)
@@ -211,7 +212,7 @@ def test_eval_is_the_mean_loss_over_every_val_token(data_dir, eval_tokens, batch
     model = tiny_model("sltrain")
     args = train.get_args(["--eval-tokens", str(eval_tokens), "--batch-size", str(batch), "--seq-len", "32",
                            "--device", "cpu"])
-    got = train.evaluate(model, val, args, torch.autocast("cpu", enabled=False), rank=0, world=1)
+    got = train.validation_loss(model, val, args, torch.autocast("cpu", enabled=False), rank=0, world=1)
     stream = torch.from_numpy(np.asarray(val.tokens).astype(np.int64))
     ref_model = copy.deepcopy(model).double()
     nll = []

@@ -1,4 +1,4 @@
-"""The memory plan (parallel.memory_plan, what --dry-run prints) against what a real CPU run holds.
+"""The memory plan (memory.memory_plan, what --dry-run prints) against what a real CPU run holds.
 
 The references are the run's own tensors: bytes of its parameters and buffers, of the gradients
 alive at their peak (read at every gradient hook and after every backward), of its optimizer
@@ -16,11 +16,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import memory
 import parallel
 import sltrain
 import train
 from model import CONFIGS
-from optim import PerLayerOptimizer
+from per_layer import PerLayerOptimizer
 from sltrain import SLLinear
 
 COMMON = ["--batch-size", "2", "--seq-len", "64", "--device", "cpu", "--grad-accum", "1"]
@@ -59,7 +60,7 @@ class LiveStorages(TorchDispatchMode):
 def measure(args):
     """Two steps of the real loop (train.py's, on CPU); returns the bytes each plan line stands for."""
     dtype = getattr(torch, args.dtype)
-    model, _ = parallel.parallelize(train.build_model(args, args.vocab_size), args, dtype, None)
+    model, _ = parallel.parallelize(train.build_model(args, args.vocab_size), args, None)
     params = list(model.parameters())
     grads = [0]
 
@@ -97,7 +98,7 @@ def test_plan_is_what_a_run_allocates(size, vocab, monkeypatch):
     rows = []
     for name, flags in SETTINGS.items():
         args = train.get_args(["--model", size, "--vocab-size", str(vocab), *COMMON, *flags])
-        plan = parallel.memory_plan(args, train.build_model(args, vocab))
+        plan = memory.memory_plan(args, train.build_model(args, vocab))
         real = measure(args)
         rows += [(name, line, plan[line], real[line]) for line in real]
     print(f"\n{'setting':<44} {'line':<16} {'planned':>10} {'measured':>10} ratio")
@@ -116,7 +117,7 @@ def test_checkpointing_plan_recomputes_one_block():
     model = train.build_model(args, 257)
     block_input = args.batch_size * args.seq_len * model.cfg.dim * 4  # the fp32 residual stream
     per_block = (plain - checkpointed) / model.cfg.n_layers + block_input
-    recompute = parallel.memory_plan(args, model)["recompute"]
+    recompute = memory.memory_plan(args, model)["recompute"]
     print(f"\nrecompute: planned {recompute}, measured {per_block:.0f}, ratio {recompute / per_block:.3f}")
     assert 0.9 <= recompute / per_block <= 1.1, (recompute, per_block)
 
@@ -145,7 +146,7 @@ def test_per_layer_optimizers_share_code_books():
     lookup tables) would hold 0.49 GB at 7b (737 such tensors) that no plan line counts."""
     args = train.get_args(["--model", "tiny", "--vocab-size", "257", *COMMON, "--optimizer", "adamw8bit",
                            "--per-layer"])
-    model, _ = parallel.parallelize(train.build_model(args, 257), args, torch.float32, None)
+    model, _ = parallel.parallelize(train.build_model(args, 257), args, None)
     optimizer = train.build_optimizer(model, args)
     x = torch.randint(257, (args.batch_size, args.seq_len))
     model(x, x)[1].backward()
@@ -173,13 +174,13 @@ def test_support_layout_line_is_the_kernels_layouts():
     Triton 3*128*128*1024 + 3*128*7,864/0.02 = 2.01e8); a CPU's never does."""
     import kernels
     args = train.get_args(["--model", "60m", "--vocab-size", "257", *COMMON])
-    model, _ = parallel.parallelize(train.build_model(args, 257), args, torch.float32, None)
+    model, _ = parallel.parallelize(train.build_model(args, 257), args, None)
     built = [kernels.support_layout(m) for m in model.modules() if isinstance(m, SLLinear)]
     real = sum(t.nbytes for layout in built for t in (layout.row_ptr, layout.col_order, layout.col_ptr))
     assert len(built) == 7 * 8
     planned = train.get_args(["--model", "60m", "--vocab-size", "257", *COMMON, "--dry-run"])  # plans for GPUs
-    assert parallel.memory_plan(planned, train.build_model(planned, 257))["support_layout"] == real
-    assert parallel.memory_plan(args, train.build_model(args, 257))["support_layout"] == 0
+    assert memory.memory_plan(planned, train.build_model(planned, 257))["support_layout"] == real
+    assert memory.memory_plan(args, train.build_model(args, 257))["support_layout"] == 0
 
 
 SEVEN_B = ["--model", "7b", "--vocab-size", "32000", "--param-dtype", "bfloat16", "--grad-accum", "1"]
@@ -200,14 +201,14 @@ SEVEN_B = ["--model", "7b", "--vocab-size", "32000", "--param-dtype", "bfloat16"
 def test_support_layout_is_planned_where_the_auto_route_takes_triton(flags, builds):
     dry = [] if "--device" in flags else ["--dry-run"]  # a dry run plans for GPUs
     args = train.get_args(SEVEN_B + dry + flags)
-    assert parallel.builds_layouts(args, train.build_model(args, 32000)) == builds
+    assert memory.builds_layouts(args, train.build_model(args, 32000)) == builds
 
 
 def test_forced_routes_decide_the_support_layout_on_any_device(monkeypatch):
     args = train.get_args(SEVEN_B + ["--batch-size", "16", "--eval-tokens", "8192", "--device", "cpu"])
     model = train.build_model(args, 32000)
     monkeypatch.setattr(sltrain, "ROUTE", "triton")  # the Triton route on the CPU: the interpreter
-    assert parallel.builds_layouts(args, model)
+    assert memory.builds_layouts(args, model)
     args = train.get_args(SEVEN_B + ["--batch-size", "1", "--eval-tokens", "8192", "--dry-run"])
     monkeypatch.setattr(sltrain, "ROUTE", "dense")
-    assert not parallel.builds_layouts(args, model)
+    assert not memory.builds_layouts(args, model)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from model import CONFIGS, LLaMA
-from optim import AdamW8bit, Codebook, PerLayerOptimizer, dynamic_code, triton
+from codebook import Codebook, dynamic_code
+from optim import AdamW8bit, triton
+from per_layer import PerLayerOptimizer
 from sltrain import swap_linears
 
 

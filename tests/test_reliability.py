@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import parallel
+import checkpoint
 import train
 from optim import AdamW8bit
 
@@ -118,7 +118,7 @@ def test_data_missing_on_one_rank_stops_every_rank(data_dir, tmp_path):
 
 
 def test_divergence_past_exp_range_is_reported_not_crashed(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "evaluate", lambda *args: 800.0)  # exp(800) overflows a float
+    monkeypatch.setattr(train, "validation_loss", lambda *args: 800.0)  # exp(800) overflows a float
     run(data_dir, tmp_path, "--max-steps", "1")
     evals = [r for r in records(tmp_path) if r["type"] == "eval"]
     assert evals == [dict(type="eval", step=1, val_loss=800.0, val_ppl=float("inf"))]
@@ -147,7 +147,7 @@ def test_resume_refuses_every_difference_that_breaks_exactness(data_dir, tmp_pat
     state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     args = train.get_args(SMALL + ["--batch-size", "16", "--max-steps", "2", "--data", data_dir])
     args.vocab_size, args.world_size = state["config"]["vocab_size"], 2
-    assert train.differences(state, args, state["data_meta"], whole_run=True) == ["the number of ranks 1 (now 2)"]
+    assert checkpoint.differences(state, args, state["data_meta"], whole_run=True) == ["the number of ranks 1 (now 2)"]
 
     # what may change does, with a note for the schedule
     run(data_dir, tmp_path / "run", "--batch-size", "16", "--max-steps", "3", "--lr", "1e-3", "--warmup", "0",
@@ -193,7 +193,7 @@ def test_a_killed_runs_leftovers_are_removed(data_dir, tmp_path):
     (tmp_path / "sharded-4.tmp").mkdir()
     (tmp_path / "sharded-4.tmp" / "rank0-of-2.pt").write_bytes(b"half a shard")
     run(data_dir, tmp_path, "--max-steps", "3", "--resume")
-    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt.pt", "log.jsonl"]  # .lock: train.py's (one run per folder)
 
 
 def test_sharded_leftovers_are_removed_and_the_pointed_checkpoint_kept(tmp_path):
@@ -202,7 +202,7 @@ def test_sharded_leftovers_are_removed_and_the_pointed_checkpoint_kept(tmp_path)
         (tmp_path / name / "rank0-of-2.pt").write_bytes(b"a shard")
     (tmp_path / "latest-sharded").write_text("sharded-2")
     (tmp_path / "latest-sharded.tmp").write_text("sharded-")
-    parallel.remove_stale(str(tmp_path))
+    checkpoint.remove_stale(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["latest-sharded", "sharded-2"]
     assert os.listdir(tmp_path / "sharded-2") == ["rank0-of-2.pt"]
 
@@ -316,13 +316,13 @@ def test_kill_anywhere_then_resume_equals_the_uninterrupted_run(data_dir, tmp_pa
     finally:
         for server in servers:
             server.close()
-    assert results[("save:2", 2)][0] == ["ckpt.pt", "ckpt.pt.tmp", "log.jsonl"]  # the torn file was there
-    assert results[("rename:2", 2)][0] == ["ckpt.pt", "ckpt.pt.tmp", "log.jsonl"]
+    assert results[("save:2", 2)][0] == [".lock", "ckpt.pt", "ckpt.pt.tmp", "log.jsonl"]  # the torn file was there
+    assert results[("rename:2", 2)][0] == [".lock", "ckpt.pt", "ckpt.pt.tmp", "log.jsonl"]
     assert results[("log:7", 2)][1]  # the log's last line was torn
     for kill, _ in KILLS:
         out_dir = tmp_path / kill.replace(":", "-")
         assert records(out_dir) == expected, kill  # every record, bit for bit
-        assert sorted(os.listdir(out_dir)) == ["ckpt.pt", "log.jsonl"], kill  # nothing half-written left
+        assert sorted(os.listdir(out_dir)) == [".lock", "ckpt.pt", "log.jsonl"], kill  # nothing half-written left
 
 
 def test_kill_inside_a_sharded_save_then_resume_continues_exactly(data_dir, tmp_path):
@@ -339,11 +339,11 @@ def test_kill_inside_a_sharded_save_then_resume_continues_exactly(data_dir, tmp_
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed = torchrun(tmp_path / "killed", kill="rename:2")
     assert killed.returncode != 0 and "exitcode  : -9" in killed.stderr, killed.stderr[-3000:]  # rank 0 killed
-    assert sorted(os.listdir(tmp_path / "killed")) == ["latest-sharded", "latest-sharded.tmp", "log.jsonl",
+    assert sorted(os.listdir(tmp_path / "killed")) == [".lock", "latest-sharded", "latest-sharded.tmp", "log.jsonl",
                                                        "sharded-2", "sharded-4"]
     # to step 3 only, so the run never writes a sharded-4 of its own: the killed run's is gone at start
     resumed = torchrun(tmp_path / "killed", "--resume", "--stop-at-step", "3")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path / "killed")) == ["latest-sharded", "log.jsonl", "sharded-3"]
+    assert sorted(os.listdir(tmp_path / "killed")) == [".lock", "latest-sharded", "log.jsonl", "sharded-3"]
     upto3 = [r for r in records(tmp_path / "whole") if r["step"] <= 3]  # train 1, 2, 3 and eval 2
     assert [r for r in records(tmp_path / "killed") if r["step"] < 3 or r["type"] == "train"] == upto3

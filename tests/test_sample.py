@@ -8,16 +8,18 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 
+import checkpoint
 import eval as eval_script
 import sample
 from conftest import TINY_RUN
 from run_script import run_cases
 from model import CONFIGS, LLaMA
-from sltrain import swap_linears
+from sltrain import SLLinear, csr_forward, swap_linears
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +98,8 @@ def test_seeded_sampling_is_deterministic():
 
 def test_sample_script_on_a_run(tiny_run, capsys):
     run = tiny_run("sltrain")
-    flags = ["--out-dir", run, "--prompt", "def ", "--max-new-tokens", "30", "--temperature", "1.0"]
+    flags = ["--out-dir", run, "--prompt", "def ", "--max-new-tokens", "30", "--temperature", "1.0",
+             "--device", "cpu"]  # reruns compared bit for bit: the CPU's sampling stream on any machine
     text = sample.main(flags + ["--seed", "0"])
     assert text.startswith("def ") and len(text.encode()) >= 4 + 30 - 3  # byte tokens (a few may be replaced)
     assert sample.main(flags + ["--seed", "0"]) == text
@@ -107,7 +110,7 @@ def test_sample_script_on_a_run(tiny_run, capsys):
 def test_an_unreadable_checkpoint_stops_with_one_line(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="^error: .*unreadable"):
-        sample.load_model(str(tmp_path))
+        checkpoint.load_model(str(tmp_path))
 
 
 # each case: (argv, exit status, the exact line on stderr). {run}: a tiny run; {tmp}: an empty folder. Status 2 is
@@ -130,7 +133,7 @@ FLAG_CASES = {
         (RUN + ["--seed", str(2**32)], 2, "--seed 4294967296: must be in [0, 2**32)"),
         (RUN + ["--device", "tpu"], 2, "--device tpu: must be one of: cpu"),
         (RUN + ["--decode", "sparse"], 2, "argument --decode: invalid choice: 'sparse' (choose from 'auto', 'merged', "
-                                          "'factorized')"),
+                                          "'csr')"),
     ],
     "eval.py": [
         ([], 2, "--out-dir is required: the folder of a run train.py wrote"),
@@ -187,8 +190,10 @@ def test_eval_equals_the_logged_eval(tiny_run):
     run = tiny_run("sltrain")
     logged = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))][-1]
     assert logged["type"] == "eval"
-    assert eval_script.main(["--out-dir", run]) == pytest.approx(logged["val_loss"], abs=1e-6)
-    assert eval_script.main(["--out-dir", run, "--eval-tokens", "512"]) != pytest.approx(logged["val_loss"], abs=1e-6)
+    # --device cpu: the run was logged on the CPU in fp32, and 1e-6 is an ulp-level tolerance
+    assert eval_script.main(["--out-dir", run, "--device", "cpu"]) == pytest.approx(logged["val_loss"], abs=1e-6)
+    assert eval_script.main(["--out-dir", run, "--eval-tokens", "512", "--device", "cpu"]) != pytest.approx(
+        logged["val_loss"], abs=1e-6)
 
 
 def test_sharded_checkpoint_loads_like_the_single_process_run(data_dir, tiny_run, tmp_path):
@@ -204,7 +209,7 @@ def test_sharded_checkpoint_loads_like_the_single_process_run(data_dir, tiny_run
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "latest-sharded").exists() and not (tmp_path / "ckpt.pt").exists()
     assert "python sample.py --out-dir" in r.stdout  # train.py ends with the three commands
-    sharded, single = sample.load_model(str(tmp_path)), sample.load_model(tiny_run("sltrain"))
+    sharded, single = checkpoint.load_model(str(tmp_path)), checkpoint.load_model(tiny_run("sltrain"))
     assert sharded.checkpoint.endswith("sharded-3")
     ids = torch.randint(0, 257, (2, 64))
     with torch.no_grad():
@@ -212,19 +217,44 @@ def test_sharded_checkpoint_loads_like_the_single_process_run(data_dir, tiny_run
 
 
 def test_consolidated_model_pt_loads(tiny_run, tmp_path):
-    """--consolidate writes {model, config} to model.pt (parallel.consolidate): the same weights load."""
+    """python checkpoint.py writes {model, config, build, step} to model.pt (checkpoint.consolidate): the same
+    weights load."""
     state = torch.load(os.path.join(tiny_run("full"), "ckpt.pt"), weights_only=False)
-    torch.save(dict(model=state["model"], config=state["config"]), tmp_path / "model.pt")
+    torch.save({k: state[k] for k in ("model", "config", "build", "step")}, tmp_path / "model.pt")
     ids = torch.randint(0, 257, (1, 32))
     with torch.no_grad():
-        a, b = sample.load_model(str(tmp_path))(ids)[0], sample.load_model(tiny_run("full"))(ids)[0]
+        a, b = checkpoint.load_model(str(tmp_path))(ids)[0], checkpoint.load_model(tiny_run("full"))(ids)[0]
     assert torch.equal(a, b)
 
 
 def test_auto_decode_follows_the_measurements():
-    """--bench on the project's CPU: merged is faster for tiny, factorized for 60m and a 7b block."""
-    for name, expected in (("tiny", "merged"), ("60m", "factorized"), ("7b", "factorized")):
+    """benchmarks/decode_bench.py on the project's CPU: merged is faster for tiny, csr for 60m and a 7b block."""
+    for name, expected in (("tiny", "merged"), ("60m", "csr"), ("7b", "csr")):
         cfg = CONFIGS[name]
         with torch.device("meta"):
             model = swap_linears(LLaMA(cfg), "sltrain", cfg.rank, cfg.delta, cfg.alpha)
         assert sample.choose_decode(model) == expected, name
+
+
+def test_decode_bench_times_both_modes(monkeypatch):
+    """benchmarks/decode_bench.py, the measurement choose_decode follows: each mode's speed is timed on a model
+    prepared that way (merged: no SLLinear left; csr: every SLLinear decodes through csr_forward)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import decode_bench
+    timed, generate = [], decode_bench.generate
+
+    def spy(model, *args, **kwargs):
+        sls = [m for m in model.modules() if isinstance(m, SLLinear)]
+        csr = sls and all(isinstance(m.forward, partial) and m.forward.func is csr_forward for m in sls)
+        timed.append("csr" if csr else "merged" if not sls else "other")
+        return generate(model, *args, **kwargs)
+    monkeypatch.setattr(decode_bench, "generate", spy)
+    (row,) = decode_bench.bench("cpu", ["tiny"], repeats=2, n_tokens=2)
+    assert timed == ["merged", "csr"] * 2 and set(row) == {"model", "blocks", "merged", "csr", "auto"}
+    out = subprocess.run([sys.executable, "benchmarks/decode_bench.py", "--models", "tiny", "--repeats", "1",
+                          "--tokens", "4", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.stdout.splitlines()]
+    assert row["model"] == "tiny" and row["blocks"] == CONFIGS["tiny"].n_layers and row["auto"] == "merged"
+    assert row["merged"] > 0 and row["csr"] > 0

@@ -1,0 +1,171 @@
+"""
+train.py's flags: each size's recipe (RECIPES) and the checks every flag goes through.
+
+A flag left out takes the size's recipe (the paper's for 60m-7b, ours for tiny), and a flag that cannot
+work stops the run with one `error:` line that names it and its rule, before anything is allocated.
+"""
+import argparse
+import math
+import os
+
+import torch
+
+import parallel
+from model import CONFIGS
+from sltrain import METHODS
+
+# the paper's recipe per size (steps, global batch in sequences of 256 tokens, eval
+# tokens, peak lr per method): 512 x 256 = 131,072 tokens per step for every size. `tiny` is ours,
+# sized so a 2-core CPU sees the loss fall within minutes: 16 x 256 = 4,096 tokens per step. Where each
+# lr comes from: docs/scaling.md.
+PAPER_LRS = dict(full=3e-3, lowrank=3e-3, sltrain=3e-3)
+RECIPES = {
+    "tiny": dict(steps=300, batch=16, eval_tokens=65_536, lr=dict(full=1e-3, lowrank=1e-2, sltrain=1e-2)),
+    # the dense model of tiny sltrain's size (model.py): full's lr from its own sweep (benchmarks/why_sparse.py;
+    # 400 steps, seed 0: 3e-3 best of 1e-4 ... 1e-2), tiny's for the others (untuned at this size)
+    "tiny-narrow": dict(steps=300, batch=16, eval_tokens=65_536, lr=dict(full=3e-3, lowrank=1e-2, sltrain=1e-2)),
+    "60m": dict(steps=11_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
+    "130m": dict(steps=22_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
+    "350m": dict(steps=65_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
+    "1b": dict(steps=140_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
+    "7b": dict(steps=150_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
+}
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stdlib")
+RESUME_HELP = """
+--resume continues the checkpoint's run exactly. It is refused, listing every difference, when the model
+(--model --method --rank --delta --alpha --vocab-size --seq-len --seed), the numerics (--param-dtype --dtype),
+the batches (--batch-size --grad-accum, the number of ranks), the optimizer state (--optimizer --per-layer
+--dist) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup --grad-clip (a note
+says the schedule changes; left out, --lr is the run's own), --log-every --eval-every --eval-tokens
+--stop-at-step --activation-checkpointing --compile, the --data path (the same meta.json elsewhere is the
+same data) and --device (another kind of device continues the run, but not bit for bit: its kernels and random
+streams differ).
+"""
+INT_FLAGS = ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_every", "eval_tokens", "log_every", "gpus",
+             "vocab_size", "stop_at_step")  # each >= 1 when given
+
+
+DESCRIPTION = """Pretrain a LLaMA whose block linears are SLTrain (sparse + low-rank), low-rank or full layers.
+
+    python train.py --model tiny                        # 2-core CPU, offline data, a few minutes
+    python train.py --model 60m                         # one GPU, the paper's recipe
+    python train.py --model 7b --dry-run --vocab-size 32000   # parameter count and memory, no memory used
+    torchrun --nproc_per_node=8 train.py --model 7b     # FSDP2; docs/scaling.md for larger runs
+
+Everything a run did goes to --out-dir: log.jsonl (config first, then one record per log/eval) and its
+checkpoint (checkpoint.py), written atomically at every eval and on Ctrl-C; --resume continues it exactly."""
+AFTER_HELP = """
+After training: python sample.py --out-dir RUN (text), python eval.py --out-dir RUN (val loss),
+python export.py --out-dir RUN --hf-dir DIR (a Hugging Face LLaMA folder).
+"""
+
+
+def devices():
+    """What --device accepts on this machine."""
+    return ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{n}" for n in range(torch.cuda.device_count())]
+
+
+def parse_args(argv=None):
+    """-> (parser, the flags as typed); validate() fills in the defaults and checks them."""
+    tiny = RECIPES["tiny"]
+    p = argparse.ArgumentParser(description=DESCRIPTION, epilog=RESUME_HELP + AFTER_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", choices=list(CONFIGS), help="model size (default: tiny)")
+    p.add_argument("--method", default="sltrain", choices=METHODS, help="block linear layers (default: sltrain)")
+    p.add_argument("--rank", type=int, help="low-rank r (default: the paper's for the size)")
+    p.add_argument("--delta", type=float, help="sparse density of S (default: the paper's for the size)")
+    p.add_argument("--alpha", type=float, help="scale = alpha / rank (default: the paper's for the size)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: per size and method; tiny: " +
+                   ", ".join(f"{m} {lr:g}" for m, lr in tiny["lr"].items()) + "; 60m-7b: 3e-3)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-step (default: min(64, recipe batch); "
+                   f"tiny: {tiny['batch']})")
+    p.add_argument("--grad-accum", type=int, help="micro-steps per step (default: recipe batch / batch-size)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default: the paper's for the size; tiny: "
+                   f"{tiny['steps']})")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (default: 10%% of max-steps)")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="global grad-norm clip, 0 = off (default: 0)")
+    p.add_argument("--eval-every", type=int, help="steps between evals and checkpoints (default: max-steps/10)")
+    p.add_argument("--eval-tokens", type=int, help=f"validation tokens per eval (default: the recipe's; tiny: "
+                   f"{tiny['eval_tokens']:,})")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines (default: 10)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", metavar="DEVICE",
+                   help=f"one of: {', '.join(devices())} (default: cuda when present)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="autocast compute dtype (default: bfloat16 on GPU, float32 on CPU); fp16 would need a "
+                   "loss scaler, so it is not offered")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype the weights are stored in; bfloat16 is the paper's pure-bf16 recipe (default: float32)")
+    p.add_argument("--seed", type=int, default=0, help="init, support and data order (default: 0)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="folder made by data/prepare.py (default: data/stdlib, "
+                   "prepared on first use)")
+    p.add_argument("--out-dir", help="log and checkpoint folder (default: out/<model>-<method>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    p.add_argument("--vocab-size", type=int, help="model vocabulary (default: the data's)")
+    p.add_argument("--dry-run", action="store_true", help="count parameters and estimate memory, then exit")
+    p.add_argument("--stop-at-step", type=int, help="checkpoint and exit at this step (split a run across jobs)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="torch AdamW, or AdamW with 8-bit group-wise quantized moments (optim.py)")
+    p.add_argument("--per-layer", action="store_true", help="step each parameter inside backward and free its "
+                   "gradient at once (per_layer.py); no full gradient buffer")
+    p.add_argument("--dist", choices=["none", "ddp", "fsdp"], help="parallelism (default: none; under torchrun "
+                   "ddp, or fsdp for 1b and 7b)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--no-memory-check", action="store_true", help="start even when the memory plan (--dry-run) "
+                   "exceeds the free memory: the plan is an estimate (docs/scaling.md: how close it is)")
+    p.add_argument("--gpus", type=int, help="GPUs for the --dry-run memory plan (default: WORLD_SIZE or 1)")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line: no usage block
+    return p, p.parse_args(argv)
+
+
+def validate(p, args):
+    """Fill in each default from the size's recipe and check every flag; a bad one exits with one line."""
+
+    for name in INT_FLAGS:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    cfg, recipe = CONFIGS[args.model], RECIPES[args.model]
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world = args.gpus if args.dry_run and args.gpus else args.world_size  # a dry run plans for --gpus processes
+    args.dist = args.dist or parallel.default_dist(world, args.model)
+    args.rank = cfg.rank if args.rank is None else args.rank
+    args.delta = cfg.delta if args.delta is None else args.delta
+    args.alpha = cfg.alpha if args.alpha is None else args.alpha
+    args.max_steps = args.max_steps or recipe["steps"]
+    args.lr_given = args.lr is not None  # without --lr, --resume keeps the run's own lr (checkpoint.resume)
+    args.lr = recipe["lr"][args.method] if args.lr is None else args.lr
+    args.warmup = max(1, args.max_steps // 10) if args.warmup is None else args.warmup
+    args.batch_size, args.grad_accum = parallel.split_batch(p, args, recipe["batch"], world)
+    args.eval_every = args.eval_every or max(1, args.max_steps // 10)
+    args.eval_tokens = args.eval_tokens or recipe["eval_tokens"]
+    args.dtype_given = args.dtype is not None  # a dry run on a CPU plans a GPU's bf16 unless told
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") or args.dry_run else "float32")
+    args.out_dir = args.out_dir or os.path.join("out", f"{args.model}-{args.method}")
+    args.gpus = args.gpus or world
+    max_rank = min(cfg.dim, cfg.ffn_dim)  # every block linear is dim x dim, dim x ffn or ffn x dim
+    for ok, flag, rule in (  # (holds?, the flag as typed, what a valid value is)
+            (1 <= args.rank <= max_rank, f"--rank {args.rank}", f"must be in [1, {max_rank}] for --model "
+             f"{args.model}, its layers' smallest side (default: {cfg.rank})"),
+            (0 <= args.delta < 1, f"--delta {args.delta}", "the sparse density must be in [0, 1) (the paper's: 0.03)"),
+            (0 < args.alpha < math.inf, f"--alpha {args.alpha}", "must be > 0 (scale = alpha / rank)"),
+            (0 < args.lr < math.inf, f"--lr {args.lr}", "must be > 0"),
+            (0 <= args.grad_clip < math.inf, f"--grad-clip {args.grad_clip}", "must be >= 0 (0 = off)"),
+            (0 <= args.warmup <= args.max_steps, f"--warmup {args.warmup}", f"must be in [0, {args.max_steps}]"),
+            ((args.stop_at_step or 1) <= args.max_steps, f"--stop-at-step {args.stop_at_step}", f"must be in [1, "
+             f"--max-steps {args.max_steps}] (the run stops at --max-steps anyway)"),
+            (0 <= args.seed < 2**32, f"--seed {args.seed}", "must be in [0, 2**32)"),
+            (args.device in devices(), f"--device {args.device}", f"must be one of: {', '.join(devices())}"),
+            (not (args.per_layer and args.grad_clip > 0), "--grad-clip with --per-layer", "clipping needs the global "
+             "gradient norm, but --per-layer frees each gradient as soon as its parameter is updated: drop one"),
+            (not (args.per_layer and args.dist == "ddp"), "--per-layer under DDP", "its hooks fire before DDP's "
+             "gradient all-reduce (each rank would step on its own gradient): use --dist fsdp")):
+        if not ok:
+            p.error(f"{flag}: {rule}")
+    return args
+
+
+def get_args(argv=None):
+    return validate(*parse_args(argv))
+
+

@@ -1,0 +1,176 @@
+"""What people do with their hands, against the real scripts in subprocesses with real signals and files:
+two trainings into one --out-dir, Ctrl-C and SIGTERM (also under torchrun), a run too large for the
+machine, a log with torn or merged lines, and what train.py prints. The references: the uninterrupted
+run's losses (bit for bit), the OS's own lock and signal semantics, the exit statuses shells use."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import memory
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KILL_AT = os.path.join(ROOT, "tests", "kill_at.py")
+FLAGS = ["--model", "tiny", "--batch-size", "4", "--grad-accum", "1", "--seq-len", "64", "--eval-tokens", "1024",
+         "--log-every", "1", "--device", "cpu"]  # CPU: bitwise comparisons (a GPU's atomics reorder sums)
+TIMING = {"tokens_per_s", "elapsed_s", "peak_mem_gb"}
+
+
+def script(*args, env=None, timeout=180, path=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, path or KILL_AT, *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
+
+
+def losses(out_dir):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in checkpoint.read_log(str(out_dir / "log.jsonl"))
+            if r["type"] in ("train", "eval")]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    r = script(*FLAGS, "--max-steps", "6", "--eval-every", "3", "--data", data_dir, "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_finishes_the_step_saves_and_resume_is_exact(data_dir, tmp_path, uninterrupted, sig, status):
+    """The signal arrives as step 2 begins (tests/kill_at.py sends it to itself): step 2 finishes, its
+    checkpoint is written (no eval falls due there), the run says so and exits 128 + the signal's
+    number; --resume then ends equal to the uninterrupted run, bit for bit."""
+    r = script(*FLAGS, "--max-steps", "6", "--eval-every", "3", "--data", data_dir, "--out-dir", str(tmp_path),
+               env={"NANO_SLTRAIN_SIGNAL_AT": f"{sig}:2"})
+    assert r.returncode == status, r.stderr[-2000:]
+    assert "interrupted at step 2: checkpoint saved; continue with --resume" in r.stdout
+    assert "Traceback" not in r.stderr
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
+    assert checkpoint.read_log(str(tmp_path / "log.jsonl"))[-1] == dict(type="interrupted", step=2, signal=sig)
+    r = script(*FLAGS, "--max-steps", "6", "--eval-every", "3", "--data", data_dir, "--out-dir", str(tmp_path),
+               "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(tmp_path) == losses(uninterrupted)
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback(data_dir, tmp_path):
+    r = script(*FLAGS, "--max-steps", "6", "--eval-every", "3", "--data", data_dir, "--out-dir", str(tmp_path),
+               env={"NANO_SLTRAIN_SIGNAL_AT": "SIGINT:2:2"})  # two in a row
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "interrupted again: exiting now" in r.stderr
+    assert not (tmp_path / "ckpt.pt").exists()  # it did not wait for step 2's checkpoint
+
+
+def test_under_torchrun_every_rank_stops_after_the_same_step(data_dir, tmp_path, tmp_path_factory):
+    """Only rank 1 receives SIGTERM; the request travels with the step's loss all-reduce, so both ranks
+    finish step 2 and save it, and the resumed 2-rank run equals an uninterrupted 2-rank run."""
+    def torchrun(out, *extra, env=None):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               KILL_AT, *FLAGS, "--batch-size", "2", "--max-steps", "4", "--eval-every", "4",
+                               "--dist", "ddp", "--data", data_dir, "--out-dir", str(out), *extra],
+                              capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    reference = tmp_path_factory.mktemp("ddp-uninterrupted")
+    assert torchrun(reference).returncode == 0
+    r = torchrun(tmp_path, env={"NANO_SLTRAIN_SIGNAL_AT": "SIGTERM:2", "SIGNAL_RANK": "1"})
+    assert r.returncode != 0 and "interrupted at step 2" in r.stdout, r.stderr[-2000:]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2  # rank 0 saved step 2, as rank 1
+    assert torchrun(tmp_path, "--resume").returncode == 0
+    assert losses(tmp_path) == losses(reference)
+
+
+def test_a_second_run_into_the_same_folder_stops_and_the_lock_dies_with_its_holder(data_dir, tmp_path):
+    first = subprocess.Popen([sys.executable, "train.py", *FLAGS, "--max-steps", "100000", "--data", data_dir,
+                              "--out-dir", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        log = tmp_path / "log.jsonl"
+        while not (log.exists() and any(r["type"] == "train" for r in checkpoint.read_log(str(log)))):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.2)
+        second = script(*FLAGS, "--max-steps", "2", "--data", data_dir, "--out-dir", str(tmp_path),
+                        path=os.path.join(ROOT, "train.py"))
+        assert second.returncode == 1 and second.stdout == ""
+        assert second.stderr == (f"error: --out-dir {tmp_path} is in use by another train.py (PID {first.pid}): "
+                                 f"wait for it to finish or stop it, or pass another --out-dir\n")
+        assert first.poll() is None  # the first run goes on, its log whole
+        os.kill(first.pid, signal.SIGKILL)  # no cleanup at all: the kernel releases the lock
+        first.wait()
+    finally:
+        first.kill()
+    again = script(*FLAGS, "--max-steps", "2", "--data", data_dir, "--out-dir", str(tmp_path),
+                   path=os.path.join(ROOT, "train.py"))
+    assert "in use" not in again.stderr  # not stale: no checkpoint yet, so it simply starts
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_torn_and_merged_log_lines_are_named_and_skipped(data_dir, tmp_path):
+    """Two writers (or a kill) leave a log with a line holding two records and a torn fragment: resume,
+    eval.py and sample.py name each such line once and carry on."""
+    r = script(*FLAGS, "--max-steps", "2", "--eval-every", "2", "--data", data_dir, "--out-dir", str(tmp_path),
+               path=os.path.join(ROOT, "train.py"))
+    assert r.returncode == 0
+    log = tmp_path / "log.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + lines[1].rstrip("\n") + lines[2] + '{"type": "tra\n' + "".join(lines[3:]))
+    for cmd in (["eval.py", "--out-dir", str(tmp_path), "--device", "cpu"],
+                ["sample.py", "--out-dir", str(tmp_path), "--max-new-tokens", "4", "--device", "cpu"],
+                ["train.py", *FLAGS, "--max-steps", "4", "--eval-every", "2", "--data", data_dir, "--out-dir",
+                 str(tmp_path), "--resume"]):
+        r = script(*cmd[1:], path=os.path.join(ROOT, cmd[0]))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (cmd[0], r.stderr[-2000:])
+        assert f"note: {log} line 2 is not one JSON record (torn or merged): skipped" in r.stderr, cmd[0]
+    assert [r["step"] for r in checkpoint.read_log(str(log)) if r["type"] == "eval"] == [2, 4]
+
+
+def test_a_run_too_large_for_the_machine_stops_before_it_starts(data_dir, tmp_path, monkeypatch, capsys):
+    # the real /proc/meminfo: 4,096 sequences of 256 tokens plan ~50 GB of activations on the tiny model
+    r = script("--model", "tiny", "--batch-size", "4096", "--grad-accum", "1", "--device", "cpu", "--data",
+               data_dir, "--out-dir", str(tmp_path / "big"), path=os.path.join(ROOT, "train.py"), timeout=120)
+    assert r.returncode == 1 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr[-2000:]
+    assert r.stderr.startswith("error: this run plans 5") and "GB is available to this machine" in r.stderr
+    for flag in ("--batch-size", "--seq-len", "--activation-checkpointing", "--param-dtype bfloat16", "--per-layer",
+                 "--no-memory-check"):
+        assert flag in r.stderr
+    # a machine with 1 GB free: the default tiny run (0.2 GB of tensors, + 1 GB for the runtime) is refused,
+    # and starts when overridden
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:  2000000 kB\nMemAvailable:  1000000 kB\n")
+    monkeypatch.setattr(memory, "MEMINFO", str(meminfo))
+    flags = ["--model", "tiny", "--max-steps", "1", "--eval-tokens", "256", "--device", "cpu", "--data", data_dir]
+    with pytest.raises(SystemExit, match=r"plans 0\.2 GB of tensors per process \(\+ 1 GB for the Python and torch "
+                                         r"runtime\), and 1\.0 GB is available"):
+        train.main(flags + ["--out-dir", str(tmp_path / "a")])
+    train.main(flags + ["--out-dir", str(tmp_path / "b"), "--no-memory-check"])
+    assert (tmp_path / "b" / "ckpt.pt").exists()
+
+
+def test_the_output_says_what_happened(data_dir, tmp_path):
+    r = script(*FLAGS, "--max-steps", "4", "--eval-every", "2", "--stop-at-step", "2", "--data", data_dir,
+               "--out-dir", str(tmp_path), path=os.path.join(ROOT, "train.py"))
+    assert r.returncode == 0
+    out = r.stdout.splitlines()
+    assert "256 tokens per step = 1 rank(s) x 4 sequences x 1 micro-step(s) x 64 tokens; 4 steps from step 0" in r.stdout
+    evals = [x for x in checkpoint.read_log(str(tmp_path / "log.jsonl")) if x["type"] == "eval"]
+    assert out[-2].startswith("done: 2 steps (to step 2 of 4), 512 tokens, ") and out[-2].endswith(
+        f", final val loss {evals[-1]['val_loss']:.4f}, best {evals[-1]['val_loss']:.4f} (step 2); "
+        f"checkpoint: {tmp_path / 'ckpt.pt'}")
+    assert out[-1] == "stopped early at step 2 of 4 (--stop-at-step): continue with --resume (and a later " \
+                      "--stop-at-step, or none)"
+    assert "python sample.py" not in r.stdout  # the use-the-model hints are for a finished run
+    dry = script("--model", "60m", "--dry-run", "--device", "cpu", path=os.path.join(ROOT, "train.py"))
+    assert "bfloat16 compute planned (a GPU run's default; on cpu this run computes in float32)" in dry.stdout
+    dry = script("--model", "60m", "--dry-run", "--device", "cpu", "--dtype", "float32",
+                 path=os.path.join(ROOT, "train.py"))
+    assert "float32 compute on cpu" in dry.stdout
+    help_text = script("--help", path=os.path.join(ROOT, "train.py")).stdout
+    for text in ("tiny: 300)", "tiny: 16)", "tiny: 65,536)", "tiny: full 0.001, lowrank 0.01, sltrain 0.01",
+                 "one of: cpu", "python sample.py --out-dir RUN", "python eval.py", "python export.py"):
+        assert text in " ".join(help_text.split()), text
