@@ -151,7 +151,7 @@ def plot(folder, run, rank, delta, rows):
         ax.plot(range(1, len(s) + 1), s, color=colors[kind], alpha=0.7, lw=1,
                 label=kind if name.startswith("blocks.0.") else None)
     ax.axvline(rank, color="k", ls=":", label=f"r = {rank}")
-    ax.set(yscale="log", xlabel="index i", ylabel="s_i / s_1", title=f"{run}: singular values of every block linear")
+    ax.set(yscale="log", xlabel="index i", ylabel="s_i / s_1", title=f"{run}\nsingular values of every block linear")
     ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(os.path.join(folder, "singular_values.png"), dpi=100)
     last = [(n, row) for n, row in rows if n.startswith(rows[-1][0].rsplit(".", 2)[0] + ".")]
     fig, axes = plt.subplots(2, 4, figsize=(12, 5))
@@ -174,7 +174,7 @@ def plot(folder, run, rank, delta, rows):
         ax.plot(x, [row["own"] for _, row in rows], "k.", label="the layer's trained support")
     ax.set_xticks(x, [n.replace("blocks.", "").replace("attn.", "").replace("mlp.", "") for n, _ in rows],
                   rotation=90, fontsize=7)
-    ax.set(ylabel="share of ||W - W_r||_F^2", title=f"{run}: captured by a sparse matrix at delta = {delta:g}")
+    ax.set(ylabel="share of ||W - W_r||_F^2", title=f"{run}\ncaptured by a sparse matrix at delta = {delta:g}")
     ax.legend(fontsize=7), fig.tight_layout(), fig.savefig(os.path.join(folder, "sparse_capture.png"), dpi=100)
     plt.close("all")
 
