@@ -56,16 +56,17 @@ def fsync_dir(path):
     os.fsync(fd), os.close(fd)
 
 
-def atomic_write(path, write):
-    """write(f) into path.tmp (a binary file), then move it into place durably; returns what write returned.
-    A write that raises leaves no path.tmp behind (a kill does: remove_stale clears it at the next start)."""
+def atomic_write(path, write, tmp=None):
+    """write(f) into tmp (a binary file; default path.tmp), then move it into place durably; returns what write
+    returned. A write that raises leaves no tmp behind (a kill does: remove_stale clears it at the next start)."""
+    tmp = tmp or path + ".tmp"
     try:
-        with open(path + ".tmp", "wb") as f:
+        with open(tmp, "wb") as f:
             result = write(f)
             f.flush(), os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     finally:
-        os.path.exists(path + ".tmp") and os.remove(path + ".tmp")
+        os.path.exists(tmp) and os.remove(tmp)
     fsync_dir(os.path.dirname(path) or ".")
     return result
 
@@ -76,9 +77,9 @@ def remove_stale(out_dir):
     if parallel.is_rank0():
         pointer = os.path.join(out_dir, "latest-sharded")
         current = open(pointer).read().strip() if os.path.exists(pointer) else None
-        for name in os.listdir(out_dir):
+        for name in os.listdir(out_dir):  # not dotfiles: an export's staging folder (export.py) may be one
             path = os.path.join(out_dir, name)
-            if name.endswith(".tmp") or (name.startswith("sharded-") and name != current):
+            if not name.startswith(".") and (name.endswith(".tmp") or name.startswith("sharded-") and name != current):
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     parallel.barrier()
 
@@ -362,16 +363,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not os.path.exists(os.path.join(args.out_dir, "latest-sharded")):
         p.error(f"--out-dir {args.out_dir}: holds no sharded checkpoint (latest-sharded): nothing to gather")
+    if "LOCAL_RANK" not in os.environ:
+        p.error("runs under torchrun, one rank per shard file: torchrun --nproc_per_node=N checkpoint.py --out-dir RUN")
     run = argparse.Namespace(dist="fsdp", device=args.device, activation_checkpointing=False, compile=False, seed=0)
     parallel.setup(run)  # torchrun's process group, one rank per shard file (the weights are loaded below)
     path = sharded_path(args.out_dir)
-    parallel.exit_together(None if os.path.exists(path) else f"{path} is missing: run as many ranks as wrote it "
-                           f"({os.listdir(os.path.dirname(path))})", run.device)
+    parallel.exit_together(None if os.path.exists(path) else f"{path} is missing: the sharded checkpoint is "
+                           f"incomplete, or it was written by another number of ranks", run.device)
     state = torch.load(path, map_location=run.device, weights_only=False)
     model, _ = parallel.parallelize(build_model(**state["build"]), run, lambda: build_model(**state["build"]))
     model.load_state_dict(state.pop("model"))
     consolidate(args.out_dir, model, state)
     parallel.teardown(run)
+    sys.stdout.flush()
+    os._exit(0)  # model.pt is written: skip interpreter teardown, where gloo FSDP2 can abort after a correct run
 
 
 if __name__ == "__main__":

@@ -167,7 +167,8 @@ def sddmm_kernel(dvalues_ptr, dy_t_ptr, x_t_ptr, indices_ptr, row_ptr_ptr,
                  ACC: tl.constexpr, TILE_ROWS: tl.constexpr, TILE_T: tl.constexpr, TOKENS_PER_PROGRAM: tl.constexpr):
     """dvalues[e] += sum_t dy^T[i_e, t] x^T[j_e, t] over this program's TOKENS_PER_PROGRAM tokens,
     for the entries of TILE_ROWS rows i of S. Programs over other token ranges add atomically, with relaxed
-    ordering: only the sum counts, nothing reads dvalues before the kernel ends (acq_rel fences every add)."""
+    ordering: only the sum counts, and nothing reads dvalues before the kernel ends (Triton's default,
+    acq_rel, would fence every add)."""
     i = tl.program_id(0) * TILE_ROWS + tl.arange(0, TILE_ROWS)  # (TILE_ROWS,) rows of S
     t_first = tl.program_id(1) * TOKENS_PER_PROGRAM
     i_ok = i < n_out

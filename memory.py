@@ -16,8 +16,8 @@ import copy
 import torch
 
 import sltrain
-from model import count_params
-from optim import MIN_8BIT_SIZE, state_bytes
+from model import autocast, count_params
+from optim import MIN_8BIT_SIZE, fp32_state_params, state_bytes
 
 
 GB = 1e9
@@ -56,7 +56,7 @@ def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus, layou
         grads = width * max(p.numel() for p in params) / n  # each gradient is freed by its own update
     else:  # all of them, accumulated over the micro-steps (per-layer steps on the last one)
         grads = width * total * (2 if dist == "ddp" else 1) / n  # DDP copies them into all-reduce buckets
-    embeddings = {id(model.tok_emb.weight), id(model.lm_head.weight)}  # fp32 state (train.build_optimizer)
+    embeddings = {id(p) for p in fp32_state_params(model)}  # fp32 state under AdamW8bit (train.build_optimizer)
     states = 0
     for p in params:
         numel = p.numel() / n
@@ -121,7 +121,7 @@ def activation_bytes(model, batch_size, seq_len, dtype):
         idx = torch.zeros(batch_size, seq_len, dtype=torch.long)
         state = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers(), idx]}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+                autocast("cpu", dtype):
             logits, loss = model(idx, idx)
     sltrain.ROUTE = route
     blocks = [b for b in blocks if b is not None]
@@ -145,7 +145,7 @@ def memory_plan(args, model):
 
 def memory_report(args, model, build, recipe_tokens, recipe_lr):
     """Print the plan for this run, and the model states of the setups the paper compares at 7b with
-    this run's other flags; build(method) -> meta model; recipe_*: the size's recipe (train.RECIPES).
+    this run's other flags; build(method) -> meta model; recipe_*: the size's recipe (config.RECIPES).
     Returns both, in GB, for the JSON line."""
     tokens = args.gpus * args.batch_size * args.grad_accum * args.seq_len
     print(f"tokens per step: {tokens:,} = {args.gpus} GPU(s) x {args.batch_size} sequences x {args.grad_accum} "

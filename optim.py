@@ -22,7 +22,8 @@ parameter, moments and step count stay as they were and state["skipped"] counts 
 the update runs and every write keeps the old value where the flag is set (torch.where, or masked
 stores in the kernel). Under FSDP2 a tensor's flag is the OR over its shards on every rank (one
 all-reduce), so all ranks skip the same tensors. The step and skip counts are booked once per
-step for all tensors (`book_skips`: one host sync), by step() or by per_layer.PerLayerOptimizer.
+step for all tensors (`book_skips`: one host sync), by step(), by per_layer.PerLayerOptimizer, or by
+train.py with the step's loss (one read from the device per step).
 """
 import math
 
@@ -72,14 +73,28 @@ def stochastic_round(src, generator=None):
     return noise.add_(src.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)
 
 
-def book_skips(optimizers):
-    """Book the last step's skips of these AdamW8bit optimizers with one host sync for all their
-    tensors: a skipped tensor's step count goes back (its update was discarded), its skip count up."""
+def fp32_state_params(model):
+    """The parameters train.py gives AdamW8bit's fp32 state: the token embedding and lm_head, the usual advice
+    for embeddings (a row's gradient is zero for every token not in the batch, then large: 8-bit v loses it)."""
+    return [model.tok_emb.weight, model.lm_head.weight]
+
+
+def pending_flags(optimizers):
+    """The non-finite flags (device tensors) of the tensors these AdamW8bit optimizers updated since the
+    last book_skips: a caller that reads other values from the device reads these with them."""
+    return [flag for opt in optimizers for _, flag in getattr(opt, "_pending", ())]
+
+
+def book_skips(optimizers, flags=None):
+    """Book the last step's skips of these AdamW8bit optimizers: a skipped tensor's step count goes back
+    (its update was discarded), its skip count up. flags: pending_flags' values, read by the caller;
+    else read here, one host sync for all the tensors."""
     pending = [item for opt in optimizers for item in getattr(opt, "_pending", ())]
-    if pending:
-        for (state, _), bad in zip(pending, torch.stack([flag for _, flag in pending]).tolist()):
-            state["step"] -= bad
-            state["skipped"] += bad
+    if pending and flags is None:
+        flags = torch.stack([flag for _, flag in pending]).tolist()
+    for (state, _), bad in zip(pending, flags or ()):
+        state["step"] -= int(bad)
+        state["skipped"] += int(bad)
     for opt in optimizers:
         if hasattr(opt, "_pending"):
             opt._pending.clear()
@@ -148,7 +163,7 @@ class AdamW8bit(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.use_triton = use_triton
         self._pending = []  # (state, device flag) of this step's tensors, until book_skips()
-        self.book_skips_in_step = True  # PerLayerOptimizer books all its optimizers at once instead
+        self.book_skips_in_step = True  # False: the caller books (PerLayerOptimizer, train.py's one read)
         self._noise = None  # the generator of this tensor's bf16 rounding noise (None: torch's RNG)
 
     def book(self, device, signed):

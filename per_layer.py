@@ -48,6 +48,7 @@ class PerLayerOptimizer:
         self.optimizers = {name: make_optimizer([p]) for name, p in self.params.items()}
         for opt in self.optimizers.values():  # AdamW8bit's skip counts: booked once per step, in step()
             opt.book_skips_in_step = False
+        self.book_skips_in_step = True  # False: the caller books them (train.py, with the step's loss)
         self.grad_accum_steps = grad_accum_steps
         self._of = {p: self.optimizers[name] for name, p in self.params.items()}
         self._backwards = {p: 0 for p in self._of}  # backward passes accumulated since p's last step
@@ -103,7 +104,8 @@ class PerLayerOptimizer:
         if self._stepped == 0:
             raise RuntimeError("no parameter was updated since the last step(): no backward ran, or remove() was called")
         self._stepped = 0
-        book_skips(list(self.optimizers.values()))
+        if self.book_skips_in_step:
+            book_skips(list(self.optimizers.values()))
 
     @property
     def skipped(self):

@@ -29,7 +29,7 @@ import parallel
 from config import DEFAULT_DATA, RECIPES, get_args  # noqa: F401  (get_args: train.get_args for scripts and tests)
 from data.loader import load_data
 from model import CONFIGS, autocast, evaluate, perplexity
-from optim import AdamW8bit
+from optim import AdamW8bit, book_skips, fp32_state_params, pending_flags
 from per_layer import PerLayerOptimizer
 
 # -----------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def build_optimizer(model, args):
             return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         if args.optimizer == "adamw":
             return AdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fp32_state=True)
-        embeddings = {id(model.tok_emb.weight), id(model.lm_head.weight)}
+        embeddings = {id(p) for p in fp32_state_params(model)}
         groups = [dict(params=[p for p in params if id(p) not in embeddings]),
                   dict(params=[p for p in params if id(p) in embeddings], fp32_state=True)]
         return AdamW8bit([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
@@ -79,9 +79,12 @@ def build_optimizer(model, args):
         if args.dist == "fsdp":
             units = [[n for n, _ in named if n.startswith(f"blocks.{i}.")] for i in range(len(model.blocks))]
             units.append([n for n, _ in named if not n.startswith("blocks.")])
-        return PerLayerOptimizer(named, make, grad_accum_steps=1 if args.dist == "fsdp" else args.grad_accum,
-                                 units=units)
-    return make([p for p in model.parameters() if p.requires_grad])
+        optimizer = PerLayerOptimizer(named, make, grad_accum_steps=1 if args.dist == "fsdp" else args.grad_accum,
+                                      units=units)
+    else:
+        optimizer = make([p for p in model.parameters() if p.requires_grad])
+    optimizer.book_skips_in_step = False  # train_step books AdamW8bit's skips with the step's one read
+    return optimizer
 
 
 def dry_run(args):
@@ -140,10 +143,13 @@ def train_step(model, optimizer, batches, args, autocast, world, stop):
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # the host waits for the device once per step, here, after the whole step is queued (AdamW8bit's skip
-    # booking waits first; the loss is ready by then). A non-finite loss stops the run before any
+    # the host waits for the device once per step, here, after the whole step is queued: the loss, the stop
+    # request and AdamW8bit's non-finite flags in one read. A non-finite loss stops the run before any
     # checkpoint holds this update (per-layer updates have run inside backward anyway).
-    loss_sum, stops = totals.tolist()
+    inner = list(getattr(optimizer, "optimizers", {}).values()) or [optimizer]  # PerLayerOptimizer's, or itself
+    flags = pending_flags(inner)
+    loss_sum, stops, *flags = torch.cat([totals, torch.stack(flags)]).tolist() if flags else totals.tolist()
+    book_skips(inner, flags)
     return loss_sum / (args.grad_accum * world), stops > 0
 
 
@@ -160,8 +166,8 @@ class StopRequest:
     """The first Ctrl-C (SIGINT) or SIGTERM (what schedulers send before a kill) asks the loop to stop
     after the current step and save a checkpoint; a second one exits at once, without a traceback."""
 
-    def __init__(self, say):
-        self.signum, self.say, self.previous = 0, say, {}
+    def __init__(self, loud):
+        self.signum, self.loud, self.previous = 0, loud, {}
         if threading.current_thread() is threading.main_thread():  # Python delivers signals only there
             self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
@@ -170,8 +176,9 @@ class StopRequest:
             os.write(2, b"\ninterrupted again: exiting now; the last checkpoint is as it was\n")
             os._exit(128 + signum)
         self.signum = signum
-        self.say(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                 f"(press Ctrl-C again to quit at once)", flush=True)
+        if self.loud:  # os.write, not print: the signal may arrive while the loop is inside a print
+            os.write(1, f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (press Ctrl-C "
+                        f"again to quit at once)\n".encode())
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -299,7 +306,7 @@ def claim_out_dir(args, rank):
         os.makedirs(args.out_dir, exist_ok=True)
         error = checkpoint.lock(args.out_dir) if rank == 0 else None
     except OSError as e:
-        return f"--out-dir {args.out_dir}: cannot create it ({e.strerror}): pass a folder you can write"
+        return f"--out-dir {args.out_dir}: cannot create it or its .lock ({e.strerror}): pass a folder you can write"
     if error is None and not args.resume and checkpoint.has_checkpoint(args.out_dir):
         error = (f"{args.out_dir} already holds a run with a checkpoint: continue it with --resume, or use another "
                  f"--out-dir (or delete it) to start over.")
@@ -348,25 +355,27 @@ def main(argv=None):
     compute = autocast(args.device, getattr(torch, args.dtype))
     batches = train_data.batches(step, args.grad_accum, args.batch_size, args.seq_len, args.seed, args.device,
                                  rank, world)
-    stop_at, stop, clock, stopping = args.stop_at_step or args.max_steps, StopRequest(say), Clock(), False
-    while step < stop_at:
-        clock.begin()
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:  # one schedule for the global and the per-layer optimizers
-            group["lr"] = lr
-        loss, stopping = train_step(model, optimizer, batches, args, compute, world, stop)
-        stop_if_not_finite(loss, "train", step, args, log.record)
-        step += 1
-        clock.end(args.batch_size * args.grad_accum * args.seq_len * world)
-        if step % args.log_every == 0 or step == args.max_steps:
-            log_step(step, loss, lr, optimizer, clock, args, log, say)
-        if step % args.eval_every == 0 or step == stop_at:
-            log_eval(step, validation_loss(model, val_data, args, compute, rank, world), args, log, say)
-        if step % args.eval_every == 0 or step == stop_at or stopping:
-            checkpoint.save(args, raw_model, optimizer, step, raw_model.build, meta)
-        if stopping:
-            break
-    stop.restore()
+    stop_at, stop, clock, stopping = args.stop_at_step or args.max_steps, StopRequest(rank == 0), Clock(), False
+    try:
+        while step < stop_at:
+            clock.begin()
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:  # one schedule for the global and the per-layer optimizers
+                group["lr"] = lr
+            loss, stopping = train_step(model, optimizer, batches, args, compute, world, stop)
+            stop_if_not_finite(loss, "train", step, args, log.record)
+            step += 1
+            clock.end(args.batch_size * args.grad_accum * args.seq_len * world)
+            if step % args.log_every == 0 or step == args.max_steps:
+                log_step(step, loss, lr, optimizer, clock, args, log, say)
+            if step % args.eval_every == 0 or step == stop_at:
+                log_eval(step, validation_loss(model, val_data, args, compute, rank, world), args, log, say)
+            if step % args.eval_every == 0 or step == stop_at or stopping:
+                checkpoint.save(args, raw_model, optimizer, step, raw_model.build, meta)
+            if stopping:
+                break
+    finally:  # an exception inside the loop leaves the signals as they were
+        stop.restore()
     finish(args, step, (stop.signum or signal.SIGINT) if stopping else 0, clock, log, say)
     return raw_model
 

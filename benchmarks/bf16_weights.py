@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train  # noqa: E402
+from checkpoint import read_log  # noqa: E402
 from model import RMSNorm  # noqa: E402
 from optim import AdamW8bit  # noqa: E402
 
@@ -77,8 +78,7 @@ def run(extra, load=None, store=None):
 
 
 def train_log(out):
-    import json
-    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return read_log(os.path.join(out, "log.jsonl"))
 
 
 def main():

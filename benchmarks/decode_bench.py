@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from model import CONFIGS, LLaMA  # noqa: E402
+from config import devices  # noqa: E402
 from sample import choose_decode, generate, prepare_decode, sync  # noqa: E402
 from sltrain import swap_linears  # noqa: E402
 
@@ -63,6 +64,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.repeats < 1 or args.tokens < 1:
         p.error(f"--repeats {args.repeats} --tokens {args.tokens}: both must be >= 1")
+    if args.device not in devices():
+        p.error(f"--device {args.device}: must be one of: {', '.join(devices())}")
     if not args.json:
         print(f"decode tokens/s on {args.device}, {torch.get_num_threads()} threads, fp32, batch 1, 16-token prompt "
               f"then {args.tokens} tokens, best of {args.repeats}")

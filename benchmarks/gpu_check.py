@@ -37,6 +37,8 @@ START = clock()  # the deadline counts from here, before torch is imported
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from checkpoint import read_log  # noqa: E402  a torn log line is named and skipped
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 DEADLINE = dict(quick=300, full=540)  # seconds from the start
 SEVEN_B = ["--model", "7b", "--param-dtype", "bfloat16", "--optimizer", "adamw8bit", "--per-layer",
@@ -50,6 +52,7 @@ class Part:
     args: list  # python's arguments; for a training run (steps > 0), train.py's flags
     plan: int  # planned seconds on one H100/H200
     quick: bool = False  # also part of --quick
+    only_quick: bool = False  # part of --quick only (the full check has a larger version of it)
     steps: int = 0
     log_every: int = 1
     eval_tokens: int = 65_536
@@ -57,9 +60,14 @@ class Part:
 
 
 PARTS = [
-    # CI runs the suite in 224 s on 2 CPU cores. Most of it is tiny CPU runs, which 16 faster cores
-    # shorten; the Triton kernels compile instead of running in the interpreter.
-    Part("test suite", ["-m", "pytest", "-q"], 170, quick=True),
+    # the tests that put tensors on the GPU (the `device` fixture): kernels compiled, the 8-bit update,
+    # the layer, the model and the loop; on the 2-core CPU machine they are about a third of the suite
+    Part("tests on the GPU", ["-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_optim.py",
+                              "tests/test_sltrain.py", "tests/test_model.py", "tests/test_loop.py"], 90, quick=True,
+         only_quick=True),
+    # the whole suite, as written (317 tests; 549 s on the 2-core CPU machine beside a training run, about
+    # 4-5 min alone): most of it is CPU work (torchrun on gloo, small runs), which 16 faster cores shorten
+    Part("test suite", ["-m", "pytest", "-q"], 200),
     # 15 s on the 2-core CPU machine: ptxas and cuobjdump, no GPU involved
     Part("compile report", ["benchmarks/compile_report.py"], 20, quick=True),
     # 15 layer shapes x 12 do_bench calls of ~0.2-0.4 s (each times ms-long products), plus compiles
@@ -73,8 +81,8 @@ PARTS = [
     Part("train 60m full", ["--model", "60m", "--method", "full"], 35, steps=50, log_every=10),
     # at 16,384 tokens per micro-batch auto takes the dense route. Forced to Triton, each layer and
     # micro-step launches ~110 kernels and copies (16 token chunks): ~50k a step at ~15 us, ~0.7 s a
-    # step; 20 steps ~15 s, plus start-up and the kernels' compiles ~35 s
-    Part("train 60m sltrain, Triton route", SLTRAIN_60M, 55, steps=20, log_every=5, env={"SLTRAIN_ROUTE": "triton"}),
+    # step; 10 steps ~8 s, plus start-up and the kernels' compiles ~35 s
+    Part("train 60m sltrain, Triton route", SLTRAIN_60M, 45, steps=10, log_every=2, env={"SLTRAIN_ROUTE": "triton"}),
     # 9 s on the 2-core CPU machine (a fake-tensor forward of the 7b model)
     Part("7b --dry-run plan", ["train.py", *SEVEN_B, "--gpus", "1", "--dry-run"], 12),
     # start-up ~60 s: the 224 supports are drawn on the CPU (66 s at one thread on the 2-core
@@ -85,7 +93,7 @@ PARTS = [
 
 
 def plan(quick):
-    return [part for part in PARTS if part.quick or not quick]
+    return [part for part in PARTS if (part.quick if quick else not part.only_quick)]
 
 
 def run(args, timeout, env=None):
@@ -132,7 +140,7 @@ def train(tmp, part, timeout):
                               str(part.log_every), "--eval-every", str(part.steps), "--eval-tokens",
                               str(part.eval_tokens), "--out-dir", out], timeout, part.env)
     log = os.path.join(out, "log.jsonl")
-    records = [json.loads(line) for line in open(log) if line.endswith("\n")] if os.path.exists(log) else []
+    records = read_log(log) if os.path.exists(log) else []
     shutil.rmtree(out, ignore_errors=True)  # the final checkpoint: ~14 GB at 7b
     return (status, secs, text, *summarize(records))
 

@@ -23,6 +23,7 @@ per layer) and three PNGs: singular_values.png, residual_hist.png (the last bloc
 figure shows the last attention layer), sparse_capture.png.
 """
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -191,6 +192,8 @@ def main(argv=None):
     p.add_argument("--results", help="where the table and PNGs go (default: benchmarks/results/spectrum/<run>)")
     p.error = lambda message: p.exit(2, f"error: {message}\n")
     args = p.parse_args(argv)
+    if importlib.util.find_spec("matplotlib") is None:  # checked before the work: the plots are the point
+        p.exit(1, "error: matplotlib is not installed: pip install -r requirements-dev.txt (or pip install matplotlib)\n")
     model = load_model(args.out_dir)  # exits with one `error:` line for a folder that holds no run
     config = model.train_config
     rank = config["rank"] if args.rank is None else args.rank

@@ -21,8 +21,8 @@ argv) made relative to it: a run whose log is there is skipped, a finished log i
 command run by hand) is copied, not rerun, and a run cut short resumes from its checkpoint, so the study
 can stop and go on, on another machine too. benchmarks/why_sparse.py queues its runs the same way.
 Then it prints the table (mean +- sd over seeds, the fraction of the low-rank -> full-rank gap that
-sltrain closes) and, if matplotlib is installed (only this script needs it), writes three PNGs:
-val loss vs tokens (seed bands), final val loss vs lr, and the paper's Figure-1 view: memory
+sltrain closes) and, if matplotlib is installed (requirements-dev.txt; training never needs it), writes
+three PNGs: val loss vs tokens (seed bands), final val loss vs lr, and the paper's Figure-1 view: memory
 (train.py --dry-run's estimate) vs final val loss.
 
 Status: run in full on the project's CPU machine, --longer 4800 for full and sltrain (lowrank pending);
@@ -47,6 +47,7 @@ METHODS = ("full", "lowrank", "sltrain")
 LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # log-spaced, two per decade
 LRS = LADDER[2:7]  # the sweep: 1e-4 ... 1e-2 (GaLore's range), one rung further while the best is at an edge
 SEEDS = (0, 1, 2)
+VOCAB = ["--vocab-size", "257"]  # the offline data's (256 bytes and <|endoftext|>), which every run here trains on
 # one train.py run: the tiny model unless `model`; rank and delta given for an ablation setting (else the size's)
 Task = collections.namedtuple("Task", "method lr seed steps model rank delta", defaults=("tiny", None, None))
 
@@ -63,6 +64,7 @@ def get_args():
                    "at their best lr for STEPS steps: does more data change their order? (default: 0, off)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores/jobs threads (default: 2, "
                    "8-13%% more tokens/s than one run at a time on 2 cores, measured)")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line: no usage block
     args = p.parse_args()
     if args.longer and args.longer <= args.seed_steps:
         p.error(f"--longer {args.longer}: must be above --seed-steps ({args.seed_steps}), or 0 (off)")
@@ -148,7 +150,7 @@ def run(args, task, threads=None):
 def memory_gb(method):
     """The paper's estimate for the tiny model with this method (train.py --dry-run's JSON line)."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "tiny", "--method", method,
-                          "--dry-run"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+                          "--dry-run", *VOCAB], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["est_memory_gb"]
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 
 import study
-from study import LADDER, ROOT, Task, final_val, mean_sd, run_all, sweep_lrs
+from study import LADDER, ROOT, VOCAB, Task, final_val, mean_sd, run_all, sweep_lrs
 
 STUDY_LR = 1e-2  # the study's best sltrain (and lowrank) lr
 # (label, Task template: method, rank, delta). rank None: the study's own run (tiny's r 32, delta 0.03)
@@ -139,7 +139,7 @@ def finals(tasks, records):
 
 def footprint(model, method, rank=None, delta=None):
     """(total parameters, estimated memory in MB) from train.py --dry-run (the paper's count)."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--method", method, "--dry-run"]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--method", method, "--dry-run", *VOCAB]
     cmd += [] if rank is None else ["--rank", str(rank), "--delta", str(delta)]
     out = json.loads(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     return out["params_total"], (2 * out["params_total"] + 4 * out["params_trainable"] + 8 * out["support_nnz"]) / 1e6

@@ -112,12 +112,14 @@ def write_dataset(out_dir, enc, train_docs, val_docs, meta, train_tokens=None, v
 
     # val first: it is small, so a source that fails does so before the long train pass
     for split, docs, budget in (("val", val_docs, val_tokens), ("train", train_docs, train_tokens)):
-        n_tok, n_doc = atomic_write(os.path.join(out_dir, f"{split}.bin"),
-                                    lambda f: write_tokens(docs, enc, f, split, budget))
+        path = os.path.join(out_dir, f"{split}.bin")  # a temp name per process: two runs may prepare at once
+        n_tok, n_doc = atomic_write(path, lambda f: write_tokens(docs, enc, f, split, budget),
+                                    tmp=f"{path}.{os.getpid()}.tmp")
         meta[f"{split}_tokens"] = n_tok
         meta["n_documents"][split] = n_doc
     meta["seconds"] = round(time.time() - t0, 2)
-    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"))
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode() + b"\n"),
+                 tmp=f"{meta_path}.{os.getpid()}.tmp")
     return meta
 
 

@@ -41,7 +41,9 @@ def test_plans_fit_the_window():
     assert [p.args[:2] for p in quick[:3]] == [["-m", "pytest"], ["benchmarks/compile_report.py"],
                                                ["benchmarks/kernel_bench.py"]]
     assert [(p.args[:2], 40 <= p.steps <= 60) for p in quick[3:]] == [(["--model", "60m"], True)]
-    assert set(p.title for p in quick) < set(p.title for p in full)
+    # the full check's parts hold the quick one's, its GPU tests inside the whole suite
+    assert set(p.title for p in quick) - {"tests on the GPU"} < set(p.title for p in full)
+    assert full[0].args == ["-m", "pytest", "-q"]
     forced = [p for p in full if p.env]
     assert [(p.args[:2], p.env) for p in forced] == [(["--model", "60m"], {"SLTRAIN_ROUTE": "triton"})]
 
@@ -103,13 +105,13 @@ def test_report_prints_the_plan_first_and_says_what_each_part_measured(on_a_gpu,
     monkeypatch.setattr(gpu_check, "run", fake_run(calls, lambda a: "FAILED (exit 1)" if "optim" in a[0] else "ok"))
     assert gpu_check.main([]) == 1  # the optimizer bench "failed"
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("gpu_check on NVIDIA H100 80GB HBM3: 9 parts, 512 s planned, deadline 540 s")
-    assert printed[1].split()[:2] == ["170", "s"] and "test suite" in printed[1]  # each part's plan, before any part
+    assert printed[0].startswith("gpu_check on NVIDIA H100 80GB HBM3: 9 parts, 532 s planned, deadline 540 s")
+    assert printed[1].split()[:2] == ["200", "s"] and "test suite" in printed[1]  # each part's plan, before any part
     assert all(not line.startswith("gpu_check: ") for line in printed[1:10])
     report = open(on_a_gpu / "gpu_check-nvidia-h100-80gb-hbm3.md").read()
     assert report.startswith("# GPU check on NVIDIA H100 80GB HBM3")
     assert "| train 60m sltrain, Triton route | `SLTRAIN_ROUTE=triton python train.py --model 60m --method " \
-           "sltrain --max-steps 20` | 55 s |" in report
+           "sltrain --max-steps 10` | 45 s |" in report
     assert "## optimizer bench: FAILED (exit 1), 3 s (planned 25 s)" in report
     assert "## train 60m full: ok, 2 s (planned 35 s)" in report and "tokens/s 1,000 (median" in report
     assert "sltrain (auto route, dense at this micro-batch) runs at 0.80x full's tokens/s." in report
@@ -144,7 +146,7 @@ def test_a_stopped_check_keeps_every_finished_part(on_a_gpu, monkeypatch):
     with pytest.raises(SystemExit, match="stopped during kernel bench"):
         gpu_check.main(["--quick"])
     report = open(on_a_gpu / "gpu_check-nvidia-h100-80gb-hbm3-quick.md").read()
-    assert "## test suite: ok" in report and "output of ['-m', 'pytest', '-q']" in report
+    assert "## tests on the GPU: ok" in report and "output of ['-m', 'pytest', '-q', 'tests/test_kernels.py'" in report
     assert "## compile report: ok" in report and "Stopped during kernel bench" in report
     assert "## kernel bench" not in report
 

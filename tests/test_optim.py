@@ -89,7 +89,7 @@ def test_nearest_code_is_brute_force_argmin(signed):
         x = x.abs()
     x = x[(x >= -1) & (x <= 1)]
     x = torch.cat([x, torch.zeros(-x.numel() % 255)]).view(-1, 255)
-    x = torch.cat([torch.ones(x.shape[0], 1), x], 1).view(-1)  # absmax 1 per block: x is rounded as is
+    x = torch.cat([torch.ones(x.shape[0], 1), x], 1).view(-1)  # absmax 1 per group: x is rounded as is
     codes, absmax = torch.empty(x.numel(), dtype=torch.uint8), torch.empty(x.numel() // 256)
     book.quantize_(x.clone(), codes, absmax)
     assert torch.all(absmax == 1)
@@ -100,16 +100,16 @@ def test_nearest_code_is_brute_force_argmin(signed):
 def test_quantize_dequantize_within_worst_case_bound(signed):
     book = Codebook(signed)
     g = torch.Generator().manual_seed(1)
-    n = 256 * 40 + 77  # a partial last block
-    x = torch.randn(n, generator=g) * torch.logspace(-6, 2, n)  # blocks of very different scales
+    n = 256 * 40 + 77  # a partial last quantization group
+    x = torch.randn(n, generator=g) * torch.logspace(-6, 2, n)  # groups of very different scales
     x[::97] = 0.0
     if not signed:
         x = x.abs()
     codes, absmax = torch.empty(n, dtype=torch.uint8), torch.empty(-(-n // 256))
     book.quantize_(x.clone(), codes, absmax)
     y = book.dequantize(codes, absmax)
-    blocks = torch.nn.functional.pad(x, (0, -n % 256)).view(-1, 256)
-    assert torch.equal(absmax, blocks.abs().amax(1))
+    groups = torch.nn.functional.pad(x, (0, -n % 256)).view(-1, 256)
+    assert torch.equal(absmax, groups.abs().amax(1))
     half_bin = 0.45 / 64 if signed else 0.45 / 128  # 0.00703 / 0.00352, exactly
     bound = half_bin * absmax.repeat_interleave(256)[:n]
     assert torch.all((y - x).abs() <= bound * (1 + 1e-5))
@@ -215,7 +215,7 @@ def test_bf16_weight_learns_from_updates_below_half_an_ulp():
 
 
 def test_tracks_fp32_adamw_over_50_steps():
-    """Fresh N(0, 1) gradients each step, times a per-block scale e^(2 N(0, 1)) (blocks differ a lot).
+    """Fresh N(0, 1) gradients each step, times a per-group scale e^(2 N(0, 1)) (groups differ a lot).
 
     Measured (3 seeds): after 10 steps m is within 2.0-2.3% and v within 1.1-1.2% relative L2 of fp32
     AdamW's, as REFERENCE §4 expects (~2.2% / ~1.1%); we allow 3% / 1.5%. Adam moves each element by
@@ -223,7 +223,7 @@ def test_tracks_fp32_adamw_over_50_steps():
     those errors partly cancel over steps, so after 50 steps the displacement p_50 - p_0 (~6 lr per
     element) is within 2.0% relative L2 (we allow 3%) and no element is off by more than 0.94 lr
     (we allow 1.5 lr: one step's worth, with margin).
-    Scales that differ wildly inside one block do worse (see AdamW8bit's docstring).
+    Scales that differ wildly inside one quantization group do worse (see AdamW8bit's docstring).
     """
     torch.manual_seed(0)
     n, lr = 1 << 14, 1e-3  # under torch's 32k-element grain: single-threaded, quick on a busy machine
@@ -244,7 +244,7 @@ def test_tracks_fp32_adamw_over_50_steps():
 
 
 def test_update_stays_bounded_where_v_rounds_to_zero():
-    """An element whose v falls below 0.16e-6 of its block's absmax is stored as v = 0 while its m is
+    """An element whose v falls below 0.16e-6 of its group's absmax is stored as v = 0 while its m is
     not. Step 1: element 0 sets the absmax (g = 1), element 1 gets g = 1e-4 (v = 1e-11, 1e-8 of the
     absmax: code 0; m = 1e-5, representable). Step 2: element 1's gradient is 0. fp32 AdamW moves it
     by ~0.67 lr; decoding v as 0 would move it by m_hat / eps ~ 4,700 lr. Every element's update must
@@ -366,7 +366,7 @@ def test_triton_update_matches_pytorch_path(dtype):
     """The fused kernel (through the interpreter on CPU) against the PyTorch path, 3 steps."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    n = 8 * 1024 + 300  # nine programs of 4 blocks, the last one partial
+    n = 8 * 1024 + 300  # nine programs of 4 quantization groups, the last one partial
     a = torch.nn.Parameter(torch.randn(n, device=device, dtype=dtype))
     b = torch.nn.Parameter(a.detach().clone())
     ref = AdamW8bit([a], lr=1e-2, weight_decay=0.1, min_8bit_size=0, use_triton=False)
@@ -397,13 +397,13 @@ def test_triton_update_matches_pytorch_path(dtype):
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
     triton is None, reason="triton is not installed"))], ids=["pytorch", "triton"])
 def test_subnormal_v_absmax_matches_torch_adamw(use_triton):
-    """A block whose gradients are all ~1e-20: v ~ 1e-3 g^2 ~ 1e-43 and its absmax are subnormal fp32.
+    """A quantization group whose gradients are all ~1e-20: v ~ 1e-3 g^2 ~ 1e-43 and its absmax are subnormal fp32.
     IEEE sqrt and division keep them (sqrt(v) ~ 1e-21.5 >> eps = 1e-30, so each step moves a weight
     by ~lr); a flush-to-zero sqrt or division (compiled `sqrt.approx.ftz`) would make sqrt(v) = 0 and
     the step m / eps ~ 1e10. Both paths against torch AdamW, whose fp32 v is the same subnormal."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    n = 4 * 1024  # block 0 tiny gradients, the other 15 ordinary ones
+    n = 4 * 1024  # group 0 tiny gradients, the other 15 ordinary ones
     p0 = torch.randn(n, device=device)
     a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
     ref = torch.optim.AdamW([a], lr=1e-2, eps=1e-30, weight_decay=0.0)
