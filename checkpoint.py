@@ -124,7 +124,7 @@ def save(args, model, optimizer, step, build, meta):
 
 
 # -----------------------------------------------------------------------------
-# one run per folder, and its log
+# one run per folder
 
 _LOCK = None  # the open .lock file of this process's run: closing it releases the lock
 
@@ -146,7 +146,8 @@ def lock(out_dir):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        pid, _ = f.read().strip() or "unknown", f.close()
+        pid = f.read().strip() or "unknown"
+        f.close()
         return (f"--out-dir {out_dir} is in use by another train.py (PID {pid}): wait for it to finish or stop it, "
                 f"or pass another --out-dir")
     f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
