@@ -33,4 +33,6 @@ def test_consolidate_puts_the_shards_together_on_rank0_only(tmp_path):
     held = [json.load(open(tmp_path / f"held{rank}.json")) for rank in (0, 1)]
     print(f"\nfull tensors held (bytes): rank 0 {held[0]}, rank 1 {held[1]}; model {model_bytes}, largest {largest}")
     assert held[0]["at_end"] >= model_bytes  # rank 0 writes the whole model
-    assert held[1]["gathering"] <= 1.05 * largest and held[1]["at_end"] <= 1.05 * largest, held[1]
+    # rank 1 holds one gathered tensor at a time, two while the previous result is being dropped (when Python
+    # frees it is not ours to time): far from the model, which is over 5x the largest tensor (asserted above)
+    assert held[1]["gathering"] <= 2 * largest and held[1]["at_end"] <= 2 * largest, held[1]
