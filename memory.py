@@ -12,6 +12,7 @@ Two counts, for two questions:
 tests/test_memory.py checks every line of the plan against the tensors a real CPU run allocates.
 """
 import copy
+import os
 
 import torch
 
@@ -193,10 +194,12 @@ def check_memory(args, model):
         with open(MEMINFO) as f:
             free = 1024 * int(next(line for line in f if line.startswith("MemAvailable:")).split()[1])
         runtime, where = 1e9, "available to this machine (MemAvailable)"
-    if plan + runtime <= 0.9 * free:
+    local = 1 if args.device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # share the RAM
+    if local * (plan + runtime) <= 0.9 * free:
         return None
     need = (f"{plan / 1e9:.1f} GB per GPU" if args.device.startswith("cuda") else
-            f"{plan / 1e9:.1f} GB of tensors per process (+ 1 GB for the Python and torch runtime)")
+            f"{plan / 1e9:.1f} GB of tensors per process (+ 1 GB for the Python and torch runtime)"
+            + (f", {local} processes on this machine" if local > 1 else ""))
     return (f"this run plans {need}, and {free / 1e9:.1f} GB is {where}: lower it with --batch-size (and "
             f"--grad-accum to keep the step), --seq-len, --activation-checkpointing, --param-dtype bfloat16 or "
             f"--per-layer (--dry-run shows each line), or pass --no-memory-check to start anyway")
