@@ -44,7 +44,8 @@ def sl_settings(args):
 def build_model(args, vocab_size):
     """The model on the meta device (no memory) with the block layers swapped in, and what rebuilds it
     (kept in every checkpoint); parallel.parallelize materialises and initialises it."""
-    cfg = replace(CONFIGS[args.model], vocab_size=vocab_size, max_seq_len=args.seq_len)
+    cfg = replace(CONFIGS[args.model], vocab_size=vocab_size, max_seq_len=args.seq_len, rank=args.rank,
+                  alpha=args.alpha, delta=args.delta)  # the run's own SL settings, as `sl` has them
     build = dict(model_config=asdict(cfg), sl=sl_settings(args), param_dtype=args.param_dtype)
     model = checkpoint.build_model(**build)
     model.build = build
@@ -204,13 +205,15 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KB -> GB (process RSS)
 
 
-def run_info():
+def run_info(argv=None):
+    """Where the run came from; argv: what main() parsed (None: the command line)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         commit = ""
-    return dict(argv=sys.argv, commit=commit, torch=torch.__version__, python=platform.python_version(),
+    argv = sys.argv if argv is None else [os.path.abspath(__file__)] + list(argv)  # main(argv): a command too
+    return dict(argv=argv, commit=commit, torch=torch.__version__, python=platform.python_version(),
                 device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor())
 
 
@@ -313,13 +316,13 @@ def claim_out_dir(args, rank):
     return error
 
 
-def start(args, raw_model, optimizer, meta, rank, world, say):
-    """Resume the out-dir's checkpoint (with --resume) and open its log; -> (step, log)."""
+def start(args, raw_model, optimizer, meta, rank, world, say, argv=None):
+    """Resume the out-dir's checkpoint (with --resume) and open its log; -> (step, log). argv: main's."""
     checkpoint.remove_stale(args.out_dir)  # what a killed run left half-written
     step = checkpoint.resume(args, raw_model, optimizer, meta) if args.resume else 0
     log = Log(args.out_dir, step if args.resume else None, rank)
     log.record(type="config", resumed_from=step if args.resume else None, **vars(args),
-               **memory.paper_estimate(raw_model), build=raw_model.build, data_meta=meta, **run_info())
+               **memory.paper_estimate(raw_model), build=raw_model.build, data_meta=meta, **run_info(argv))
     tokens, stop_at = args.batch_size * args.grad_accum * args.seq_len * world, args.stop_at_step or args.max_steps
     say(f"{tokens:,} tokens per step = {world} rank(s) x {args.batch_size} sequences x {args.grad_accum} "
         f"micro-step(s) x {args.seq_len} tokens; {args.max_steps} steps from step {step}; logging to {log.path}")
@@ -351,7 +354,7 @@ def main(argv=None):
         f"M trainable), {args.vocab_size} vocab | {args.device}{'' if world == 1 else f' x {world} ranks ({args.dist})'}"
         f" | {args.param_dtype} weights, {args.dtype} compute | {args.optimizer}{' per-layer' * args.per_layer}")
     optimizer = build_optimizer(raw_model, args)
-    step, log = start(args, raw_model, optimizer, meta, rank, world, say)
+    step, log = start(args, raw_model, optimizer, meta, rank, world, say, argv)
     compute = autocast(args.device, getattr(torch, args.dtype))
     batches = train_data.batches(step, args.grad_accum, args.batch_size, args.seq_len, args.seed, args.device,
                                  rank, world)

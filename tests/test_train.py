@@ -228,3 +228,12 @@ def test_activation_checkpointing_gives_the_same_losses_with_less_saved(data_dir
             model(ids, ids)
         return sum(total)
     assert saved_bytes(models["ac"]) < 0.5 * saved_bytes(models["plain"])  # only block inputs are kept
+
+
+def test_a_checkpoints_build_names_the_runs_own_rank_delta_and_alpha():
+    """The build kept in checkpoints (and the log's config) says the rank, delta and alpha the layers have,
+    not the size's defaults (tiny: 32, 0.03, 8), in model_config as in sl."""
+    args = train.get_args(["--model", "tiny", "--method", "sltrain", "--rank", "16", "--delta", "0.1", "--alpha", "4"])
+    build = train.build_model(args, 257).build
+    assert {k: build["model_config"][k] for k in ("rank", "delta", "alpha")} == dict(rank=16, delta=0.1, alpha=4.0)
+    assert {k: build["sl"][k] for k in ("rank", "delta", "alpha")} == dict(rank=16, delta=0.1, alpha=4.0)
