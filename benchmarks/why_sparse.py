@@ -232,15 +232,16 @@ def plot(args, res, sizes):
         return
     colors = dict(full="tab:blue", lowrank="tab:orange", sltrain="tab:green")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, model, method, rank, delta, vals in points(res):
-        s = mean_sd(list(vals.values()))
-        if not s:
-            continue
-        ax.errorbar([sizes[label][0] / 1e3], [s[0]], yerr=[0 if math.isnan(s[1]) else s[1]], capsize=3,
-                    fmt="s" if model == DENSE else "o", color=colors[method])
-        ax.annotate(label, (sizes[label][0] / 1e3, s[0]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    for label, model, method, rank, delta, vals in points(res):  # seed 0 for all: every setting ran it
+        x, s = sizes[label][0] / 1e3, mean_sd(list(vals.values()))
+        if 0 in vals:
+            ax.plot([x], [vals[0]], "s" if model == DENSE else "o", color=colors[method])
+            ax.annotate(label, (x, vals[0]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        if s and len(vals) > 1:  # and the mean +- sd where there are more seeds
+            ax.errorbar([x], [s[0]], yerr=[s[1]], capsize=3, fmt="s" if model == DENSE else "o", color=colors[method],
+                        mfc="none", alpha=0.6)
     ax.set(xlabel="parameters (thousands, train.py --dry-run)", ylabel=f"val loss at {args.seed_steps} steps",
-           title="tiny: every method and setting (the paper's Figure-1 view)")
+           title="tiny: every setting, seed 0 (filled); mean +- sd of 3 seeds (hollow)")
     fig.tight_layout()
     path = os.path.join(args.results, "ablation", "val_loss_vs_params.png")
     fig.savefig(path, dpi=100)
