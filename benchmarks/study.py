@@ -25,8 +25,8 @@ sltrain closes) and, if matplotlib is installed (requirements-dev.txt; training 
 three PNGs: val loss vs tokens (seed bands), final val loss vs lr, and the paper's Figure-1 view: memory
 (train.py --dry-run's estimate) vs final val loss.
 
-Status: run in full on the project's CPU machine, --longer 4800 for full and sltrain (lowrank pending);
-every run's log is in benchmarks/results/study/.
+Status: run in full on the project's CPU machine, with --longer 4800; every run's log is in
+benchmarks/results/study/.
 """
 import argparse
 import collections
