@@ -11,8 +11,8 @@ Build any size on the meta device (free), then materialise and initialise:
 Decoding (sample.py) keeps each layer's keys and values in a KVCache, so a new token costs one
 token's work: model.setup_cache(), then model(prompt, start_pos=0), model(next_id, start_pos=T), ...
 
-ModelConfig also carries, per size, the paper's SLTrain settings (rank, alpha, delta): train.py's
-defaults for --rank, --alpha and --delta. The model itself never reads them.
+ModelConfig also carries SLTrain's settings (rank, alpha, delta): in CONFIGS the paper's per size, train.py's
+defaults for --rank, --alpha and --delta; in a checkpoint's build, the run's own. The model never reads them.
 """
 import math
 from dataclasses import dataclass

@@ -214,6 +214,7 @@ def run_info(argv=None):
         commit = ""
     argv = sys.argv if argv is None else [os.path.abspath(__file__)] + list(argv)  # main(argv): a command too
     return dict(argv=argv, commit=commit, torch=torch.__version__, python=platform.python_version(),
+                threads=torch.get_num_threads(),
                 device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor())
 
 
