@@ -14,14 +14,15 @@ than a dense model of its parameter count? On the tiny model, offline data, CPU,
 2. the parameter-matched dense model (logs in benchmarks/results/dense/): model.py's tiny-narrow, full-rank,
    within 5% of tiny sltrain's parameter count. Its own lr sweep by the study's rule (--sweep-steps steps,
    1e-4 ... 1e-2, one rung further while the best is an edge), seeds 0, 1, 2 at its best lr for
-   --seed-steps steps, and seed 0 for --longer steps; against sltrain's study runs, paired by seed.
+   --seed-steps steps, and seed 0 for --longer steps; against sltrain's study runs, paired by seed. And
+   sltrain seed 0 for --longer steps one lr rung lower (3e-3): is the long-run verdict the 400-step lr's?
 Run names are the study's with the model and the setting: sltrain-r32-d0.1-lr0.01-seed0-steps2400,
 tiny-narrow-full-lr0.001-seed0-steps400. Each is a plain train.py run (study.run: its out-dir under --runs;
 a finished log there is copied, not rerun). Writes benchmarks/results/ablation/table.md (params, memory by
 train.py --dry-run's estimate, val loss; the lr check), benchmarks/results/dense/table.md (the dense
 sweep and the verdict) and benchmarks/results/ablation/val_loss_vs_params.png (the paper's Figure-1 view).
 
-Status: runs queued (benchmarks/results/ablation/ and dense/ hold those finished).
+Status: run in full on the project's CPU machine; every run's log is in benchmarks/results/ablation/ and dense/.
 """
 import argparse
 import json
@@ -45,6 +46,7 @@ SETTINGS = (
     ("sltrain r64 d0.03", "sltrain", 64, 0.03),
 )
 DENSE = "tiny-narrow"
+LOWER_LR = LADDER[LADDER.index(STUDY_LR) - 1]  # 3e-3: the long-run check of the dense verdict
 
 
 def get_args(argv=None):
@@ -125,6 +127,9 @@ def collect(args, do_runs):
     if args.longer:
         task = Task("sltrain", STUDY_LR, 0, args.longer)
         out["longer"]["sltrain"] = finals([task], run_all(base, [task], do_runs=False))
+        # is the long-run verdict the 400-step lr's? sltrain once more, one rung lower (kept with the dense runs)
+        task = Task("sltrain", LOWER_LR, 0, args.longer)
+        out["longer"]["sltrain lower lr"] = finals([task], run_all(dense, [task], do_runs))
     return out
 
 
@@ -217,6 +222,11 @@ def report(args, res, sizes):
         m = mean_sd(list(diffs.values()))
         lines.append(f"| {tokens / 1e6:.1f}M | mean | | | " + ("-" if not m else f"{m[0]:+.4f}" + (
             "" if math.isnan(m[1]) else f" +- {m[1]:.4f}") + f" ({len(diffs)} paired)") + " |")
+    if args.longer:
+        a, b = res["longer"].get("sltrain lower lr", {}).get(0), res["longer"].get(DENSE, {}).get(0)
+        lines += ["", f"the same at {args.longer * 4096 / 1e6:.1f}M tokens with sltrain one lr rung lower "
+                  f"({LOWER_LR:g}), seed 0: sltrain {cell(a)}, {DENSE} {cell(b)}, sltrain - {DENSE} "
+                  + ("-" if a is None or b is None else f"{a - b:+.4f}")]
     dense = "\n".join(lines) + "\n"
     for name, text in (("ablation", ablation), ("dense", dense)):
         os.makedirs(os.path.join(args.results, name), exist_ok=True)

@@ -155,6 +155,7 @@ def write_why_sparse(folder, skip_dense_seed=None):
         if seed != skip_dense_seed:
             write(os.path.join(folder, "dense"), "full", 1e-3, seed, 60, val, model="tiny-narrow")
     write(os.path.join(folder, "dense"), "full", 1e-3, 0, 80, 1.0, model="tiny-narrow")
+    write(os.path.join(folder, "dense"), "sltrain", 3e-3, 0, 80, 0.9)  # the long-run check one lr rung lower
     return why_sparse.get_args(["--plot", "--sweep-steps", "40", "--seed-steps", "60", "--longer", "80",
                                 "--results", str(folder)])
 
@@ -180,6 +181,7 @@ def test_why_sparse_tables(tmp_path, monkeypatch):
     assert "| 0.2M | mean | | | +0.0000 +- 0.1414 (2 paired) |" in dense
     assert "| 0.3M | 0 | 0.9500 | 1.0000 | -0.0500 |" in dense
     assert "| 3.0000 | 2.0000 | 1.4000 | 1.6000 | 2.2000 |" in dense
+    assert "one lr rung lower (0.003), seed 0: sltrain 0.9000, tiny-narrow 1.0000, sltrain - tiny-narrow -0.1000" in dense
     why_sparse.plot(args, res, {p[0]: (1000 * (i + 1), 1.0) for i, p in enumerate(why_sparse.points(res))})
     assert (tmp_path / "ablation" / "val_loss_vs_params.png").stat().st_size > 10_000
 
@@ -216,7 +218,8 @@ def test_why_sparse_queues_the_plain_train_runs(tmp_path, monkeypatch):
         assert {f"sltrain-r{r}-d{d:g}-lr{lr}-seed0-steps400" for lr in ("0.003", "0.01", "0.03")} <= names
     assert {f"tiny-narrow-full-lr{lr}-seed0-steps400" for lr in ("0.0001", "0.0003", "0.001", "0.003", "0.01")} <= names
     assert {f"tiny-narrow-full-lr0.003-seed{s}-steps2400" for s in (0, 1, 2)} <= names
-    assert "tiny-narrow-full-lr0.003-seed0-steps4800" in names and len(names) == 4 + 12 + 5 + 3 + 1
+    assert "tiny-narrow-full-lr0.003-seed0-steps4800" in names and "sltrain-lr0.003-seed0-steps4800" in names
+    assert len(names) == 4 + 12 + 5 + 3 + 1 + 1
 
 
 def test_footprint_is_the_papers_count():
