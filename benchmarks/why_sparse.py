@@ -172,6 +172,13 @@ def points(res):
     return rows + [(label, "tiny", method, rank, delta, res["ablation"][label]) for label, method, rank, delta in SETTINGS]
 
 
+def kendall(a, b):
+    """Kendall's tau of two orders of the same labels: (concordant - discordant pairs) / all pairs."""
+    pos = {k: i for i, k in enumerate(b)}
+    pairs = [(x, y) for i, x in enumerate(a) for y in a[i + 1:]]
+    return sum(1 if pos[x] < pos[y] else -1 for x, y in pairs) / len(pairs)
+
+
 def report(args, res, sizes):
     """The two tables (ablation/table.md, dense/table.md); returns their text."""
     i = LADDER.index(STUDY_LR)
@@ -198,7 +205,9 @@ def report(args, res, sizes):
             lines.append(f"\norder at lr {lr:g} (best first): {', '.join(orders[lr])}")
     if len(orders) == len(lrs):
         same = all(o == orders[STUDY_LR] for o in orders.values())
-        lines.append(f"\nthe same order at every lr: {'yes' if same else 'no'}")
+        taus = ", ".join(f"lr {lr:g} {kendall(orders[lr], orders[STUDY_LR]):.2f}" for lr in lrs if lr != STUDY_LR)
+        lines.append(f"\nthe same order at every lr: {'yes' if same else 'no'} (Kendall's tau against lr "
+                     f"{STUDY_LR:g}, 1 = the same order, -1 = reversed: {taus})")
     ablation = "\n".join(lines) + "\n"
     # the verdict: sltrain vs the dense model of its size, paired by seed
     grid = sorted(set(study.LRS) | set(res["dense_sweep"]))
