@@ -22,9 +22,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
 from checkpoint import read_log  # noqa: E402
 from config import parse_args  # noqa: E402
+from study import final_val  # noqa: E402  the last eval at a step, or None
 
 NOT_PINNED = {"help", "out_dir", "resume", "dry_run", "stop_at_step", "no_memory_check", "gpus"}
 
@@ -47,13 +48,6 @@ def get_args(argv=None):
     return args, p.error
 
 
-def final_val(records):
-    """The last eval at the run's --max-steps (from its config record), or None."""
-    steps = records[0].get("max_steps")
-    evals = [r for r in records if r.get("type") == "eval" and r.get("step") == steps]
-    return evals[-1]["val_loss"] if evals else None
-
-
 def settings(config):
     """train.py's flags at the values a config record resolved, in --help's order (no --out-dir)."""
     flags = []
@@ -70,23 +64,20 @@ def settings(config):
     return flags
 
 
-def configs(records):
-    return [r for r in records if r.get("type") == "config"]
-
-
 def main(argv=None):
     args, error = get_args(argv)
     records = read_log(args.log)
     if not records or records[0].get("type") != "config" or "max_steps" not in records[0]:
         error(f"{args.log}: not a train.py log (its first record is not a config record)")
-    want = final_val(records)
+    steps = records[0]["max_steps"]  # the rerun's too: its settings are the log's
+    want = final_val(records, steps)
     if want is None:
-        error(f"{args.log}: the run did not finish (no eval at step {records[0].get('max_steps')})")
+        error(f"{args.log}: the run did not finish (no eval at step {steps})")
     if not (isinstance(want, (int, float)) and 0 < want < math.inf):
         error(f"{args.log}: its final val loss is {want!r} (diverged?): nothing to compare")
     try:
         flags = settings(records[0])
-        resumed = [c for c in configs(records)[1:] if settings(c) != flags]
+        resumed = [r for r in records[1:] if r.get("type") == "config" and settings(r) != flags]
         ranks = int(records[0].get("world_size") or 1)
     except (ValueError, TypeError) as e:
         error(f"{args.log}: {e}")
@@ -108,7 +99,7 @@ def main(argv=None):
         error(f"{out_dir} holds another run: pass another --out-dir")
     if os.path.exists(os.path.join(out_dir, "ckpt.pt")) and not there:
         error(f"{out_dir} holds a checkpoint but no log of this run: pass another --out-dir")
-    done = bool(there) and final_val(there) is not None
+    done = bool(there) and final_val(there, steps) is not None
     resume = bool(there) and not done and os.path.exists(os.path.join(out_dir, "ckpt.pt"))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out-dir", out_dir] + ["--resume"] * resume
     threads = records[0].get("threads")
@@ -134,11 +125,11 @@ def main(argv=None):
         if stopped:
             print(f"stopped: run this again to resume the rerun in {out_dir}", file=sys.stderr)
             return 130
-        got = final_val(read_log(log)) if os.path.isfile(log) else None
+        got = final_val(read_log(log), steps) if os.path.isfile(log) else None
         if code != 0 or got is None:
             print(f"error: the rerun stopped (train.py's exit status {code}) before its final eval", file=sys.stderr)
             return 3
-    got = final_val(read_log(log))
+    got = final_val(read_log(log), steps)
     diff = (got - want) / want
     ok = abs(diff) <= args.tolerance
     print(f"final val loss: log {want:.4f}, rerun {got:.4f} ({diff:+.2%}): "

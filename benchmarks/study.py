@@ -82,7 +82,7 @@ def name_of(task):
 
 
 def final_val(records, steps):
-    evals = [r for r in records if r["type"] == "eval" and r["step"] == steps]
+    evals = [r for r in records if r.get("type") == "eval" and r.get("step") == steps]
     return evals[-1]["val_loss"] if evals else None
 
 
