@@ -33,7 +33,9 @@ from sltrain import swap_linears
 
 # --resume continues a run exactly; these must equal the checkpoint's (config.RESUME_HELP)
 MODEL_KEYS = ("model", "method", "rank", "delta", "alpha", "vocab_size", "seq_len", "seed")
-RUN_KEYS = ("param_dtype", "dtype", "batch_size", "grad_accum", "world_size", "optimizer", "per_layer", "dist")
+RUN_KEYS = ("param_dtype", "dtype", "batch_size", "grad_accum", "world_size", "optimizer", "per_layer", "dist",
+            "sparse_lr_ratio")
+SAVED_BEFORE = dict(sparse_lr_ratio=1.0)  # what a checkpoint written before a key existed ran with
 SCHEDULE_KEYS = ("lr", "max_steps", "warmup", "grad_clip")  # these may change: the schedule changes
 
 
@@ -179,7 +181,7 @@ def checkpoint_path(args):
 
 def differences(state, args, meta, whole_run):
     """What differs between the checkpoint's run and this one that would break an exact resume."""
-    saved = state["config"]
+    saved = {**SAVED_BEFORE, **state["config"]}
     found = [f"{'the number of ranks' if k == 'world_size' else '--' + k.replace('_', '-')} {saved[k]} (now "
              f"{getattr(args, k)})" for k in MODEL_KEYS + (RUN_KEYS if whole_run else ()) if saved[k] != getattr(args, k)]
     was, now = ({k: v for k, v in m.items() if k != "seconds"} for m in (state["data_meta"], meta))

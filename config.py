@@ -35,7 +35,7 @@ RESUME_HELP = """
 --resume continues the checkpoint's run exactly. It is refused, listing every difference, when the model
 (--model --method --rank --delta --alpha --vocab-size --seq-len --seed), the numerics (--param-dtype --dtype),
 the batches (--batch-size --grad-accum, the number of ranks), the optimizer state (--optimizer --per-layer
---dist) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup --grad-clip (a note
+--dist --sparse-lr-ratio) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup --grad-clip (a note
 says the schedule changes; left out, --lr is the run's own), --log-every --eval-every --eval-tokens
 --stop-at-step --activation-checkpointing --compile, the --data path (the same meta.json elsewhere is the
 same data) and --device (another kind of device continues the run, but not bit for bit: its kernels and random
@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, help="scale = alpha / rank (default: the paper's for the size)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: per size and method; tiny: " +
                    ", ".join(f"{m} {lr:g}" for m, lr in tiny["lr"].items()) + "; 60m-7b: 3e-3)")
+    p.add_argument("--sparse-lr-ratio", type=float, help="S's values train at this multiple of the lr, the "
+                   "factors A and B at the lr itself (sltrain only; default: 1)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-step (default: min(64, recipe batch); "
                    f"tiny: {tiny['batch']})")
     p.add_argument("--grad-accum", type=int, help="micro-steps per step (default: recipe batch / batch-size)")
@@ -135,6 +137,8 @@ def validate(p, args):
     args.max_steps = args.max_steps or recipe["steps"]
     args.lr_given = args.lr is not None  # without --lr, --resume keeps the run's own lr (checkpoint.resume)
     args.lr = recipe["lr"][args.method] if args.lr is None else args.lr
+    args.sparse_lr_ratio_given = args.sparse_lr_ratio is not None
+    args.sparse_lr_ratio = 1.0 if args.sparse_lr_ratio is None else args.sparse_lr_ratio
     args.warmup = max(1, args.max_steps // 10) if args.warmup is None else args.warmup
     args.batch_size, args.grad_accum = parallel.split_batch(p, args, recipe["batch"], world)
     args.eval_every = args.eval_every or max(1, args.max_steps // 10)
@@ -150,6 +154,10 @@ def validate(p, args):
             (0 <= args.delta < 1, f"--delta {args.delta}", "the sparse density must be in [0, 1) (the paper's: 0.03)"),
             (0 < args.alpha < math.inf, f"--alpha {args.alpha}", "must be > 0 (scale = alpha / rank)"),
             (0 < args.lr < math.inf, f"--lr {args.lr}", "must be > 0"),
+            (0 < args.sparse_lr_ratio < math.inf, f"--sparse-lr-ratio {args.sparse_lr_ratio}", "must be > 0"),
+            (not args.sparse_lr_ratio_given or (args.method == "sltrain" and args.delta > 0),
+             f"--sparse-lr-ratio with --method {args.method}" + " --delta 0" * (args.method == "sltrain"),
+             "only sltrain with --delta > 0 has a sparse part S to give its own lr"),
             (0 <= args.grad_clip < math.inf, f"--grad-clip {args.grad_clip}", "must be >= 0 (0 = off)"),
             (0 <= args.warmup <= args.max_steps, f"--warmup {args.warmup}", f"must be in [0, {args.max_steps}]"),
             ((args.stop_at_step or 1) <= args.max_steps, f"--stop-at-step {args.stop_at_step}", f"must be in [1, "

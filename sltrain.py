@@ -208,6 +208,15 @@ class SLLinear(nn.Module):
         """W = scale * B @ A + S, the (out, in) weight this layer represents."""
         return densify(self.A, self.B, self.values, self.indices, self.scale)
 
+    @torch.no_grad()
+    def part_norms(self, full=lambda t: t):
+        """(||S||_F, ||scale * B A||_F): how large each part of W is. B A is never formed:
+        ||B A||_F^2 = trace(B^T B A A^T), the sum of (B^T B) * (A A^T), two (rank, rank) products.
+        full: how to get a whole tensor from a sharded one (train.py's, under FSDP2)."""
+        A, B, values = (full(t).double() for t in (self.A, self.B, self.values))
+        low_rank = self.scale * ((B.t() @ B) * (A @ A.t())).sum().clamp_min(0).sqrt()
+        return values.norm().item(), low_rank.item()
+
     def forward(self, x):
         if route(x, self) == "triton":
             return triton_route()(x, self)

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, replace
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import checkpoint
 import memory
@@ -31,6 +32,7 @@ from data.loader import load_data
 from model import CONFIGS, autocast, evaluate, perplexity
 from optim import AdamW8bit, book_skips, fp32_state_params, pending_flags
 from per_layer import PerLayerOptimizer
+from sltrain import SLLinear
 
 # -----------------------------------------------------------------------------
 # model and optimizer
@@ -59,16 +61,21 @@ def build_optimizer(model, args):
     AdamW would round every update to the nearest bf16 and lose those below half an ulp (optim.py).
     --per-layer gives every parameter its own optimizer, stepped from backward."""
 
+    embeddings = {id(p) for p in fp32_state_params(model)}
+    sparse = {id(m.values) for m in model.modules() if isinstance(m, SLLinear)} if args.sparse_lr_ratio != 1 else set()
+
     def make(params):
+        # groups by what differs: S's values with their own lr (lr_ratio: the loop sets lr = schedule x ratio),
+        # embeddings and lm_head with fp32 state under AdamW8bit; one group (as torch makes it) when nothing does
+        eight_bit = args.optimizer == "adamw8bit"
+        key = lambda p: (id(p) in sparse, eight_bit and id(p) in embeddings)  # noqa: E731
+        groups = [dict(params=[p for p in params if key(p) == k], **({"lr_ratio": args.sparse_lr_ratio} if k[0] else {}),
+                       **({"fp32_state": True} if k[1] else {}))
+                  for k in sorted({key(p) for p in params})]
         if args.optimizer == "adamw" and args.param_dtype == "float32":
-            return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        if args.optimizer == "adamw":
-            return AdamW8bit(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fp32_state=True)
-        embeddings = {id(p) for p in fp32_state_params(model)}
-        groups = [dict(params=[p for p in params if id(p) not in embeddings]),
-                  dict(params=[p for p in params if id(p) in embeddings], fp32_state=True)]
-        return AdamW8bit([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                         weight_decay=0.0)
+            return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        return AdamW8bit(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                         fp32_state=args.optimizer == "adamw")
 
     if args.per_layer:  # one optimizer per named parameter, stepped by the last micro-step's backward
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -247,33 +254,45 @@ class Clock:
     """Seconds spent in training steps (not evals or checkpoints) and the tokens they took: tokens/s, eta."""
 
     def __init__(self):
-        self.start, self.seconds, self.tokens, self.steps, self.interval = time.time(), 0.0, 0, 0, [0.0, 0, 0]
+        self.start, self.seconds, self.tokens, self.steps, self.interval = time.time(), 0.0, 0, 0, [0.0, 0, 0, 0.0]
 
     def begin(self):
         self.t = time.time()
 
-    def end(self, tokens):
-        seconds = time.time() - self.t
+    def end(self, tokens, loss):
+        seconds, (s, n, t, losses) = time.time() - self.t, self.interval
         self.seconds, self.tokens, self.steps = self.seconds + seconds, self.tokens + tokens, self.steps + 1
-        self.interval = [self.interval[0] + seconds, self.interval[1] + 1, self.interval[2] + tokens]
+        self.interval = [s + seconds, n + 1, t + tokens, losses + loss]
 
 
 def log_step(step, loss, lr, optimizer, clock, args, log, say):
-    seconds, steps, tokens = clock.interval
+    seconds, steps, tokens, losses = clock.interval
     tok_s, eta = tokens / seconds, (args.max_steps - step) * seconds / steps
     mem = peak_memory_gb(args.device)
     skipped = getattr(optimizer, "skipped", 0)  # AdamW8bit: tensor updates skipped for NaN/Inf gradients
     say(f"step {step:>6}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
         f"peak mem {mem:.2f} GB | eta {eta / 60:.1f} min" + (f" | skipped {skipped}" if skipped else ""))
-    log.record(type="train", step=step, loss=loss, lr=lr, tokens_per_s=tok_s, peak_mem_gb=mem,
-               skipped_updates=skipped, elapsed_s=time.time() - clock.start)
-    clock.interval = [0.0, 0, 0]
+    log.record(type="train", step=step, loss=loss, loss_mean=losses / steps, steps_in_mean=steps, lr=lr,
+               tokens_per_s=tok_s, peak_mem_gb=mem, skipped_updates=skipped, elapsed_s=time.time() - clock.start)
+    clock.interval = [0.0, 0, 0, 0.0]
 
 
-def log_eval(step, val_loss, args, log, say):
+def part_norms(model):
+    """{layer type: [mean ||S||_F, mean ||scale * B A||_F] over the blocks} for the SL layers (empty for full),
+    on every rank (FSDP2 gathers each sharded tensor)."""
+    full = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+    norms = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SLLinear):
+            norms.setdefault(name.split(".", 2)[2], []).append(m.part_norms(full))  # blocks.3.attn.wq -> attn.wq
+    return {kind: [sum(n[i] for n in pairs) / len(pairs) for i in (0, 1)] for kind, pairs in norms.items()}
+
+
+def log_eval(step, val_loss, norms, args, log, say):
     stop_if_not_finite(val_loss, "val", step, args, log.record)
     say(f"eval step {step}: val loss {val_loss:.4f} | val ppl {perplexity(val_loss):.2f}")
-    log.record(type="eval", step=step, val_loss=val_loss, val_ppl=perplexity(val_loss))
+    log.record(type="eval", step=step, val_loss=val_loss, val_ppl=perplexity(val_loss),
+               **({"norms_S_BA": norms} if norms else {}))
 
 
 def finish(args, step, signum, clock, log, say):
@@ -317,13 +336,14 @@ def claim_out_dir(args, rank):
     return error
 
 
-def start(args, raw_model, optimizer, meta, rank, world, say, argv=None):
+def start(args, raw_model, optimizer, meta, val, rank, world, say, argv=None):
     """Resume the out-dir's checkpoint (with --resume) and open its log; -> (step, log). argv: main's."""
     checkpoint.remove_stale(args.out_dir)  # what a killed run left half-written
     step = checkpoint.resume(args, raw_model, optimizer, meta) if args.resume else 0
     log = Log(args.out_dir, step if args.resume else None, rank)
     log.record(type="config", resumed_from=step if args.resume else None, **vars(args),
-               **memory.paper_estimate(raw_model), build=raw_model.build, data_meta=meta, **run_info(argv))
+               **memory.paper_estimate(raw_model), build=raw_model.build, data_meta=meta, **run_info(argv),
+               **val.eval_plan(args.eval_tokens, args.seq_len, world))
     tokens, stop_at = args.batch_size * args.grad_accum * args.seq_len * world, args.stop_at_step or args.max_steps
     say(f"{tokens:,} tokens per step = {world} rank(s) x {args.batch_size} sequences x {args.grad_accum} "
         f"micro-step(s) x {args.seq_len} tokens; {args.max_steps} steps from step {step}; logging to {log.path}")
@@ -355,7 +375,7 @@ def main(argv=None):
         f"M trainable), {args.vocab_size} vocab | {args.device}{'' if world == 1 else f' x {world} ranks ({args.dist})'}"
         f" | {args.param_dtype} weights, {args.dtype} compute | {args.optimizer}{' per-layer' * args.per_layer}")
     optimizer = build_optimizer(raw_model, args)
-    step, log = start(args, raw_model, optimizer, meta, rank, world, say, argv)
+    step, log = start(args, raw_model, optimizer, meta, val_data, rank, world, say, argv)
     compute = autocast(args.device, getattr(torch, args.dtype))
     batches = train_data.batches(step, args.grad_accum, args.batch_size, args.seq_len, args.seed, args.device,
                                  rank, world)
@@ -365,15 +385,16 @@ def main(argv=None):
             clock.begin()
             lr = lr_at(step, args)
             for group in optimizer.param_groups:  # one schedule for the global and the per-layer optimizers
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_ratio", 1.0)  # lr_ratio: S's values (--sparse-lr-ratio)
             loss, stopping = train_step(model, optimizer, batches, args, compute, world, stop)
             stop_if_not_finite(loss, "train", step, args, log.record)
             step += 1
-            clock.end(args.batch_size * args.grad_accum * args.seq_len * world)
+            clock.end(args.batch_size * args.grad_accum * args.seq_len * world, loss)
             if step % args.log_every == 0 or step == args.max_steps:
                 log_step(step, loss, lr, optimizer, clock, args, log, say)
             if step % args.eval_every == 0 or step == stop_at:
-                log_eval(step, validation_loss(model, val_data, args, compute, rank, world), args, log, say)
+                log_eval(step, validation_loss(model, val_data, args, compute, rank, world), part_norms(raw_model),
+                         args, log, say)
             if step % args.eval_every == 0 or step == stop_at or stopping:
                 checkpoint.save(args, raw_model, optimizer, step, raw_model.build, meta)
             if stopping:

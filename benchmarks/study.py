@@ -49,7 +49,9 @@ LRS = LADDER[2:7]  # the sweep: 1e-4 ... 1e-2 (GaLore's range), one rung further
 SEEDS = (0, 1, 2)
 VOCAB = ["--vocab-size", "257"]  # the offline data's (256 bytes and <|endoftext|>), which every run here trains on
 # one train.py run: the tiny model unless `model`; rank and delta given for an ablation setting (else the size's)
-Task = collections.namedtuple("Task", "method lr seed steps model rank delta", defaults=("tiny", None, None))
+# and sparse_lr_ratio for S's own lr (--sparse-lr-ratio; None: the default, 1)
+Task = collections.namedtuple("Task", "method lr seed steps model rank delta sparse_lr_ratio",
+                              defaults=("tiny", None, None, None))
 
 
 def get_args():
@@ -75,10 +77,12 @@ def get_args():
 
 
 def name_of(task):
-    """full-lr0.001-seed0-steps2400; sltrain-r32-d0.1-lr0.01-seed0-steps2400; tiny-narrow-full-lr0.001-seed0-steps400"""
+    """full-lr0.001-seed0-steps2400; sltrain-r32-d0.1-lr0.01-seed0-steps2400; tiny-narrow-full-lr0.001-seed0-steps400;
+    sltrain-lr0.01-slr0.1-seed0-steps4800"""
     model = "" if task.model == "tiny" else task.model + "-"
     setting = "" if task.rank is None else f"-r{task.rank}-d{task.delta:g}"
-    return f"{model}{task.method}{setting}-lr{task.lr:g}-seed{task.seed}-steps{task.steps}"
+    sparse = "" if task.sparse_lr_ratio is None else f"-slr{task.sparse_lr_ratio:g}"
+    return f"{model}{task.method}{setting}-lr{task.lr:g}{sparse}-seed{task.seed}-steps{task.steps}"
 
 
 def final_val(records, steps):
@@ -115,7 +119,7 @@ def keep(args, name, records):
 def run(args, task, threads=None):
     """One train.py run, skipped when its log is already in --results, copied there when its out-dir under --runs
     holds a finished log (a run queued by hand: the same command); returns its records."""
-    name, (method, lr, seed, steps, model, rank, delta) = name_of(task), task
+    name, (method, lr, seed, steps, model, rank, delta, sparse_lr_ratio) = name_of(task), task
     kept = os.path.join(args.results, name + ".jsonl")
     if os.path.exists(kept) and final_val(read_log(kept), steps) is not None:
         return read_log(kept)
@@ -128,6 +132,7 @@ def run(args, task, threads=None):
            "--seed", str(seed), "--max-steps", str(steps), "--log-every", str(max(1, steps // 40)),
            "--eval-every", str(max(1, steps // 10)), "--out-dir", out]
     cmd += [] if rank is None else ["--rank", str(rank), "--delta", str(delta)]
+    cmd += [] if sparse_lr_ratio is None else ["--sparse-lr-ratio", str(sparse_lr_ratio)]
     if os.path.exists(os.path.join(out, "ckpt.pt")):
         cmd.append("--resume")  # a run cut short goes on where its last checkpoint left it
     elif os.path.exists(out):

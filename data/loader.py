@@ -1,7 +1,8 @@
 """
 Reading the token streams that data/prepare.py writes (train.bin, val.bin, meta.json) for train.py:
 random training windows that are a pure function of (seed, step, micro-step), split across ranks,
-and a fixed set of validation windows. Every problem with the files is a DataError saying what to do.
+and a fixed set of validation windows spread over the whole val split. Every problem with the files is
+a DataError saying what to do.
 """
 import json
 import os
@@ -39,12 +40,27 @@ class TokenData:
         starts = rng.integers(0, len(self.tokens) - seq_len, size=batch_size * world)  # window: seq_len + 1
         return self._windows(starts[rank * batch_size:(rank + 1) * batch_size], seq_len, device)
 
+    def eval_starts(self, n_tokens, seq_len, world=1):
+        """The val windows' start positions: n_tokens // seq_len windows of seq_len + 1 tokens spread evenly
+        from the split's head to its tail (a val file is written in document order: its first tokens are a
+        few documents, not the split). The same for every eval, run, method and rank layout; a multiple of
+        world, so every rank does equal work. A split shorter than that is read whole, window after window."""
+        last = len(self.tokens) - seq_len - 1  # the last start with a whole window (seq_len inputs + 1 target)
+        n = max(world, min(max(1, n_tokens // seq_len), last // seq_len + 1) // world * world)
+        if n == 1:
+            return [0]
+        return [i * last // (n - 1) for i in range(n)]  # first at 0, last at `last`, evenly between
+
+    def eval_plan(self, n_tokens, seq_len, world=1):
+        """What an eval reads, for the log: windows, target tokens, and the share of the split they read and span."""
+        starts = self.eval_starts(n_tokens, seq_len, world)
+        return dict(eval_windows=len(starts), eval_target_tokens=len(starts) * seq_len, val_split_tokens=len(self.tokens),
+                    eval_share_read=round(len(starts) * seq_len / len(self.tokens), 4),
+                    eval_share_spanned=round((starts[-1] + seq_len + 1 - starts[0]) / len(self.tokens), 4))
+
     def eval_batches(self, n_tokens, batch_size, seq_len, device, rank=0, world=1):
-        """The first n_tokens of the split as consecutive windows, the same for every eval; rank r
-        takes windows r, r + N, ..."""
-        n_windows = max(1, min(n_tokens, len(self.tokens) - 1) // seq_len)
-        n_windows = max(world, n_windows - n_windows % world)  # equal work per rank: collectives stay in step
-        starts = [i * seq_len % (len(self.tokens) - seq_len) for i in range(rank, n_windows, world)]
+        """The eval_starts windows, batch_size at a time; rank r takes windows r, r + N, ..."""
+        starts = self.eval_starts(n_tokens, seq_len, world)[rank::world]
         for i in range(0, len(starts), batch_size):
             yield self._windows(starts[i:i + batch_size], seq_len, device)
 

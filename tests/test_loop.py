@@ -152,10 +152,46 @@ def test_batches_are_windows_of_the_stream_shifted_by_one(data_dir):
     assert not any(torch.equal(draw(3, 1, 5), other) for other in (draw(4, 1, 5), draw(3, 0, 5), draw(3, 1, 6)))
     val = TokenData(data_dir, "val", meta)
     vstream = torch.from_numpy(np.asarray(val.tokens).astype(np.int64))
-    for i, (x, y) in enumerate(val.eval_batches(4 * 32, 4, 32, "cpu")):
-        for j in range(x.shape[0]):
-            s = (4 * i + j) * 32
-            assert torch.equal(x[j], vstream[s:s + 32]) and torch.equal(y[j], vstream[s + 1:s + 33])
+    starts = val.eval_starts(4 * 32, 32)
+    rows = [(x[j], y[j]) for x, y in val.eval_batches(4 * 32, 4, 32, "cpu") for j in range(x.shape[0])]
+    assert len(rows) == len(starts) == 4
+    for s, (x, y) in zip(starts, rows):
+        assert torch.equal(x, vstream[s:s + 32]) and torch.equal(y, vstream[s + 1:s + 33])
+
+
+def write_split(folder, tokens):
+    """A val split of these tokens (and a one-token train split) as data/prepare.py lays it out."""
+    os.makedirs(folder, exist_ok=True)
+    np.asarray(tokens, dtype=np.uint16).tofile(os.path.join(folder, "val.bin"))
+    np.zeros(64, dtype=np.uint16).tofile(os.path.join(folder, "train.bin"))
+    meta = dict(dtype="uint16", vocab_size=257, val_tokens=len(tokens), train_tokens=64)
+    json.dump(meta, open(os.path.join(folder, "meta.json"), "w"))
+    return meta
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_windows_span_the_whole_split(tmp_path, world):
+    """A val split written in document order has a head unlike its tail: here 10,000 tokens of 1 then 10,000
+    of 2. The eval windows spread over the whole split, so half the evaluated targets come from each half
+    (the first-N reading would see only 1s); first window at the head, last at the tail, evenly spaced; ranks
+    split the windows without overlap; a split shorter than --eval-tokens is read whole, once."""
+    meta = write_split(tmp_path, [1] * 10_000 + [2] * 10_000)
+    val = TokenData(str(tmp_path), "val", meta)
+    read = [y for r in range(world) for _, y in val.eval_batches(64 * 32, 8, 32, "cpu", r, world)]
+    targets = torch.cat([y.flatten() for y in read])
+    assert len(targets) == 63 * 32 if world == 3 else 64 * 32  # a multiple of the ranks: equal work each
+    assert (targets == 2).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    plan = val.eval_plan(64 * 32, 32, world)
+    assert plan["eval_share_spanned"] == 1.0 and plan["val_split_tokens"] == 20_000
+    assert plan["eval_windows"] == len(targets) // 32
+    gaps = np.diff(val.eval_starts(64 * 32, 32, world))
+    assert val.eval_starts(64 * 32, 32, world)[0] == 0 and gaps.max() - gaps.min() <= 1
+    assert val.eval_starts(64 * 32, 32, world)[-1] == 20_000 - 33  # the last whole window ends the split
+    small = TokenData(str(write_split(tmp_path / "small", list(range(200))) and tmp_path / "small"), "val",
+                      dict(meta, val_tokens=200))
+    whole = [x for x, _ in small.eval_batches(10_000, 4, 32, "cpu")]
+    assert sum(len(x) for x in whole) == 6  # 200 tokens hold 6 whole windows of 33: all of them, none twice
+    assert len({int(r[0]) for x in whole for r in x}) == 6
 
 
 def test_training_batches_are_read_one_ahead_and_equal_bit_for_bit(data_dir, monkeypatch):
@@ -202,9 +238,9 @@ def test_eval_counts_tokens_on_the_host(data_dir, monkeypatch):
 
 @pytest.mark.parametrize("eval_tokens,batch", [(5 * 32, 2), (4 * 32, 4)])
 def test_eval_is_the_mean_loss_over_every_val_token(data_dir, eval_tokens, batch):
-    """The val loss is the mean over all tokens of the first eval_tokens // seq_len windows, a partial
-    last batch included (a mean of batch means would weight it wrongly). Reference: float64, window by
-    window, straight from the stream."""
+    """The val loss is the mean over all tokens of the eval_tokens // seq_len windows spread over the split,
+    a partial last batch included (a mean of batch means would weight it wrongly). Reference: float64,
+    window by window, straight from the stream at evenly spaced starts."""
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
     val = TokenData(data_dir, "val", meta)
     model = tiny_model("sltrain")
@@ -215,9 +251,11 @@ def test_eval_is_the_mean_loss_over_every_val_token(data_dir, eval_tokens, batch
     ref_model = copy.deepcopy(model).double()
     nll = []
     with torch.no_grad():
-        for i in range(eval_tokens // 32):
-            logits, _ = ref_model(stream[None, i * 32:(i + 1) * 32])
-            nll.append(torch.nn.functional.cross_entropy(logits[0], stream[i * 32 + 1:(i + 1) * 32 + 1], reduction="none"))
+        n, last = eval_tokens // 32, len(stream) - 33
+        for s in np.linspace(0, last, n):  # evenly spaced from the head to the last whole window
+            s = int(s + 1e-9)
+            logits, _ = ref_model(stream[None, s:s + 32])
+            nll.append(torch.nn.functional.cross_entropy(logits[0], stream[s + 1:s + 33], reduction="none"))
     assert got == pytest.approx(torch.cat(nll).mean().item(), rel=1e-5)
     assert model.training  # evaluate() puts the model back in train mode
 

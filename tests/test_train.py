@@ -237,3 +237,78 @@ def test_a_checkpoints_build_names_the_runs_own_rank_delta_and_alpha():
     build = train.build_model(args, 257).build
     assert {k: build["model_config"][k] for k in ("rank", "delta", "alpha")} == dict(rank=16, delta=0.1, alpha=4.0)
     assert {k: build["sl"][k] for k in ("rank", "delta", "alpha")} == dict(rank=16, delta=0.1, alpha=4.0)
+
+
+# -----------------------------------------------------------------------------
+# S's own lr (--sparse-lr-ratio), the norms of S and scale * B A, what an eval read
+
+
+@pytest.mark.parametrize("extra", [(), ("--optimizer", "adamw8bit"), ("--optimizer", "adamw8bit", "--per-layer")],
+                         ids=["adamw", "adamw8bit", "adamw8bit-per-layer"])
+def test_sparse_lr_ratio_steps_S_values_at_their_own_lr(data_dir, tmp_path, extra):
+    """Adam's first step moves each weight by lr * g / (|g| + eps), about lr in size (reference: Adam's
+    update rule). With --sparse-lr-ratio 0.25 S's values move 0.25 x lr, the factors A and B the whole lr,
+    under torch AdamW, AdamW8bit and per-layer updates alike; the log and the checkpoint record it."""
+    lr, ratio = 1e-3, 0.25
+    model = train.main(SMALL + ["--data", data_dir, "--out-dir", str(tmp_path), "--max-steps", "1", "--warmup", "0",
+                                "--lr", str(lr), "--sparse-lr-ratio", str(ratio), *extra])
+    args = train.get_args(SMALL + ["--max-steps", "1"])
+    start = train.build_model(args, 257).to_empty(device="cpu").init_weights(seed=0)
+    moved = {n: (p.detach() - dict(start.named_parameters())[n].detach()).abs() for n, p in model.named_parameters()}
+    for name, step in moved.items():
+        if name.endswith(".A"):  # B = 0 at step 0, so dA = scale * B^T G = 0: A first moves at step 2
+            continue
+        want = lr * ratio if name.endswith(".values") else lr
+        big = step[step > 0.5 * step.max()]  # entries whose gradient was far above eps: |step| ~ lr
+        assert big.median().item() == pytest.approx(want, rel=0.05), name
+    assert read_log(tmp_path)[0]["sparse_lr_ratio"] == ratio
+    assert torch.load(os.path.join(tmp_path, "ckpt.pt"), weights_only=False)["config"]["sparse_lr_ratio"] == ratio
+
+
+def test_sparse_lr_ratio_is_refused_without_S_and_must_match_on_resume(data_dir, tmp_path, capsys):
+    for method in ("full", "lowrank"):
+        with pytest.raises(SystemExit):
+            train.get_args(["--method", method, "--sparse-lr-ratio", "0.1"])
+        assert f"--sparse-lr-ratio with --method {method}:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.get_args(["--delta", "0", "--sparse-lr-ratio", "0.1"])
+    assert "--method sltrain --delta 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.get_args(["--sparse-lr-ratio", "0"])
+    assert "--sparse-lr-ratio 0.0: must be > 0" in capsys.readouterr().err
+    run(data_dir, tmp_path, "--max-steps", "2", "--stop-at-step", "1", "--sparse-lr-ratio", "0.5")
+    with pytest.raises(SystemExit) as e:
+        run(data_dir, tmp_path, "--max-steps", "2", "--resume")
+    assert "--sparse-lr-ratio 0.5 (now 1.0)" in str(e.value)
+
+
+def test_evals_log_the_norms_of_S_and_the_low_rank_part(data_dir, tmp_path):
+    """Each eval record holds, per layer type, the mean over blocks of ||S||_F and ||scale * B A||_F, which
+    equal a float64 recomputation from the dense parts; the config record says what an eval reads."""
+    run(data_dir, tmp_path, "--max-steps", "2", "--eval-every", "2", "--lr", "1e-2")
+    records = read_log(tmp_path)
+    model = train.main(SMALL + ["--data", data_dir, "--out-dir", str(tmp_path / "again"), "--max-steps", "2",
+                                "--eval-every", "2", "--lr", "1e-2"])
+    norms = [r for r in records if r["type"] == "eval"][-1]["norms_S_BA"]
+    assert sorted(norms) == sorted(["attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down"])
+    for kind, (s, low_rank) in norms.items():
+        layers = [m for n, m in model.named_modules() if n.endswith(kind)]
+        S = [torch.zeros(m.out_features * m.in_features, dtype=torch.float64).index_add_(
+            0, m.indices.long(), m.values.double()) for m in layers]
+        BA = [m.scale * m.B.double() @ m.A.double() for m in layers]
+        assert s == pytest.approx(sum(x.norm().item() for x in S) / len(S), rel=1e-9)
+        assert low_rank == pytest.approx(sum(x.norm().item() for x in BA) / len(BA), rel=1e-6)
+        assert low_rank > 0  # B left 0 after two steps
+    config = records[0]
+    assert config["eval_windows"] == 2048 // 64 and config["eval_target_tokens"] == 2048
+    assert config["eval_share_spanned"] > 0.99 and 0 < config["eval_share_read"] < 1
+
+
+def test_train_records_hold_the_mean_loss_since_the_last(data_dir, tmp_path):
+    """loss_mean: the mean of the per-step losses since the previous record (a --log-every 1 run's, the
+    same steps on the same batches)."""
+    every = losses(run(data_dir, tmp_path / "one", "--max-steps", "6", "--log-every", "1"))
+    records = [r for r in run(data_dir, tmp_path / "three", "--max-steps", "6", "--log-every", "3") if r["type"] == "train"]
+    assert [(r["step"], r["steps_in_mean"]) for r in records] == [(3, 3), (6, 3)]
+    for r in records:
+        assert r["loss_mean"] == pytest.approx(sum(every[s] for s in range(r["step"] - 2, r["step"] + 1)) / 3, rel=1e-12)
