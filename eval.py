@@ -15,11 +15,10 @@ import sys
 
 import torch
 
-from checkpoint import load_model
-from config import DEFAULT_DATA, devices
 from data.loader import load_data
 from model import autocast, evaluate, perplexity
-from sample import load_tokenizer
+from run.checkpoint import load_model, load_tokenizer
+from run.flags import DEFAULT_DATA, devices
 
 
 def main(argv=None):

@@ -34,9 +34,8 @@ from functools import partial
 
 import torch
 
-from hf_tokenizer import write_tokenizer
-from checkpoint import load_model, read_log, run_data_meta
-from sample import load_tokenizer
+from run.checkpoint import load_model, load_tokenizer, read_log, run_data_meta
+from run.hf_tokenizer import write_tokenizer
 from sltrain import SLLinear, densify
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

@@ -62,12 +62,13 @@ At T = 8192, bf16: 7b gate/up 31 + 17 MB vs the dense weight's 90 MB; 7b q/k/v/o
 34 MB; 1b q/k/v/o 8 + 8 vs 8 MB (there z alone is as large as W).
 
 Routes: sltrain.route(x, layer) alone picks a layer's route (by the cost model above on CUDA; the
-dense route on CPU, where tests force the Triton one through TRITON_INTERPRET=1). This module imports
-sltrain at the top; sltrain imports this module inside sltrain.triton_route, the first time a layer
-takes the Triton route, and calls layer_forward.
+dense route on CPU, where tests force the Triton one through TRITON_INTERPRET=1). sltrain imports this
+module the first time a layer takes the Triton route and calls layer_forward(x, layer), which reads the
+layer's A, B, values, indices and scale; this module imports nothing of the project.
 
-The compile report (registers, spills, occupancy: benchmarks/compile_report.py) and the bench that
-measures f (benchmarks/kernel_bench.py) live beside the other measurements, in benchmarks/.
+The file also holds the fused update of optim.AdamW8bit (the last section), so all Triton is here. Why
+the kernels use the registers they do, the compile report (benchmarks/compile_report.py) and the bench
+that measures f (benchmarks/kernel_bench.py): docs/kernels.md.
 """
 import os
 from dataclasses import dataclass
@@ -76,13 +77,11 @@ import torch
 import triton
 import triton.language as tl
 
-import sltrain
-
 
 @dataclass(frozen=True)
 class Tiles:
-    """How the sparse kernels tile their work; the defaults are the ones the register note below
-    measures. A program (one CTA on the GPU) computes a TILE_ROWS x TILE_T tile."""
+    """How the sparse kernels tile their work; the defaults are the ones docs/kernels.md's register
+    note measures. A program (one CTA on the GPU) computes a TILE_ROWS x TILE_T tile."""
     TILE_ROWS: int = 32  # rows of the sparse matrix per program (out for y and dvalues, in for dx)
     TILE_T: int = 64  # tokens per gathered row segment
     TOKENS_PER_PROGRAM: int = 256  # tokens one sddmm program reduces over (a multiple of TILE_T)
@@ -94,35 +93,29 @@ class Tiles:
 # the support, laid out once
 
 
+def csr_ptr(flat, n_rows, n_cols):
+    """Row offsets (n_rows + 1,) of a sparse matrix whose flat row-major positions `flat` are sorted: row i
+    owns entries ptr[i]:ptr[i+1]."""
+    counts = torch.bincount(torch.div(flat, n_cols, rounding_mode="floor"), minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
 class SupportLayout:
     """CSR of S (row_ptr) and of S^T (col_ptr, col_order), derived from sorted flat `indices`."""
 
     def __init__(self, indices, out_features, in_features):
         idx = indices.long()
         rows, cols = idx // in_features, idx % in_features
-        self.row_ptr = sltrain.row_ptr(idx, out_features, in_features).int()  # (out+1,)
+        self.row_ptr = csr_ptr(idx, out_features, in_features).int()  # (out+1,)
         # S^T: entries sorted by column, rows ascending inside a column (stable sort of a row-major list)
         self.col_order = torch.argsort(cols, stable=True).int()  # (nnz,) positions into indices/values
         # S's column pointers are the row pointers of S^T, whose flat positions are j * out + i
-        self.col_ptr = sltrain.row_ptr(cols * out_features + rows, in_features, out_features).int()  # (in+1,)
+        self.col_ptr = csr_ptr(cols * out_features + rows, in_features, out_features).int()  # (in+1,)
         self.out_features, self.in_features, self.nnz = out_features, in_features, idx.numel()
 
 
 # -----------------------------------------------------------------------------
-# kernels
-#
-# Registers (`python benchmarks/compile_report.py`, sm_90, bf16, default Tiles). A program's tile is
-# TILE_ROWS x TILE_T = 32 x 64 cells over 4 warps, 16 cells per thread: an fp32 accumulator or
-# product each, plus the gathered element. If the start of a gathered row may be anywhere (a row
-# stride of T tokens, T not a multiple of 16: Triton specializes launches only on multiples of 16),
-# every cell needs its own 64-bit address and its own 2-byte load: 157 registers (spmm, dx) and 233
-# (sddmm), so 3 and 2 programs (12 and 8 of 64 warps) fit on an SM, for kernels that wait on
-# gathers. The launchers therefore pad every transposed row to a multiple of 16 elements
-# (_transposed) and the kernels tell the compiler (tl.multiple_of): a thread's 8 consecutive
-# tokens then share one 64-bit address (offsets 0, 2, .., 14 bytes in the instruction). 72
-# registers (spmm) and 64 (sddmm): 7 and 8 programs, 28 and 32 resident warps. The loads stay 2-byte
-# ones: the token mask t < T has no known alignment (masking at a multiple of TILE_T over
-# zero-padded rows would let them become 16-byte vectors, at about the same register count).
+# kernels (docs/kernels.md: their registers and occupancy)
 
 
 @triton.jit
@@ -304,3 +297,75 @@ def layer_forward(x, layer):
     return sl_linear(x, layer.A, layer.B, layer.values, layer.indices, layer.scale, layout=support_layout(layer))
 
 
+# -----------------------------------------------------------------------------
+# the fused AdamW8bit update (optim.py; CUDA): dequantize, update, requantize in one pass over memory
+
+@triton.jit
+def _quantize_tile(x, lut_count_ptr, lut_threshold_ptr):
+    """x (GROUPS, 256) fp32 -> codes (GROUPS, 256) uint8, absmax (GROUPS,): optim.Codebook.quantize_."""
+    absmax = tl.max(tl.abs(x), axis=1)
+    x = tl.div_rn(x, tl.where(absmax > 0, absmax, 1.0)[:, None])
+    bucket = (x.to(tl.int32, bitcast=True) >> 16) + 32768
+    codes = tl.load(lut_count_ptr + bucket) + (x > tl.load(lut_threshold_ptr + bucket)).to(tl.uint8)
+    return codes, absmax
+
+@triton.jit
+def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
+                      m_values_ptr, m_lut_count_ptr, m_lut_threshold_ptr,
+                      v_values_ptr, v_lut_count_ptr, v_lut_threshold_ptr,
+                      seed_ptr, skip_ptr, n, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bias2_sqrt, step_size,
+                      QGROUP: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Program i updates quantization groups i*GROUPS .. (i+1)*GROUPS - 1, a (GROUPS, QGROUP) tile."""
+    rows = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)  # (GROUPS,) group indices
+    offs = rows[:, None] * QGROUP + tl.arange(0, QGROUP)[None, :]  # (GROUPS, QGROUP)
+    keep = tl.load(skip_ptr + 0 * rows) == 0  # (GROUPS,): a non-finite gradient in this tensor: write nothing
+    mask, row_mask = (offs < n) & keep[:, None], (rows * QGROUP < n) & keep
+    # load and dequantize; bf16 is converted to fp32 before any arithmetic
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m_codes = tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+    v_codes = tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+    m = tl.load(m_values_ptr + m_codes) * tl.load(m_absmax_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    v = tl.load(v_values_ptr + v_codes) * tl.load(v_absmax_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    # AdamW, as adamw_update_ (the scalars come from the host, rounded as torch rounds them)
+    p = p * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    # IEEE round-to-nearest, as torch and the interpreter: compiled `sqrt` and `/` are approximate
+    # (a few ulp, subnormals flushed to 0), and a v whose group absmax is subnormal would lose them
+    denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+    p = p + tl.div_rn(-step_size * m, denom)
+    if STOCHASTIC:  # a bf16 weight: stochastic_round (16 random bits under the kept 16, then drop them)
+        noise = (tl.randint(tl.load(seed_ptr), offs) & 0xFFFF).to(tl.int32)
+        p = ((p.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    # requantize; padding lanes are 0 so they do not touch the absmax
+    m_codes, m_absmax = _quantize_tile(tl.where(mask, m, 0.0), m_lut_count_ptr, m_lut_threshold_ptr)
+    v_codes, v_absmax = _quantize_tile(tl.where(mask, v, 0.0), v_lut_count_ptr, v_lut_threshold_ptr)
+    tl.store(m_codes_ptr + offs, m_codes, mask=mask)
+    tl.store(v_codes_ptr + offs, v_codes, mask=mask)
+    tl.store(m_absmax_ptr + rows, m_absmax, mask=row_mask)
+    tl.store(v_absmax_ptr + rows, v_absmax, mask=row_mask)
+
+
+def adamw8bit_update_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight_decay, step, qgroup, groups=4,
+                      skip=None, shard=None):
+    """optim.AdamW8bit's update of one tensor in one kernel; the same arguments as its PyTorch path, whose
+    state (m and v codes, one absmax per qgroup elements) and code books (optim.Codebook) it reads and
+    writes. skip: a 0-dim device flag; when set, the kernel writes nothing. shard: optim.shard_rank(p),
+    folded into the seed."""
+    n = p.numel()
+    if n == 0:
+        return
+    grid = (triton.cdiv(n, qgroup * groups),)
+    # the rounding noise's seed, drawn on the device from torch's RNG (checkpointed; no host sync)
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=p.device)
+    if shard is not None:  # Philox streams of other seeds are independent: one per FSDP2 shard
+        seed = (seed + shard * 0x3C6EF372) % (2**31 - 1)
+    seed = seed.int()
+    _adamw8bit_kernel[grid](p, g.contiguous(), state["m_codes"], state["m_absmax"], state["v_codes"], state["v_absmax"],
+                            book_m.values, book_m.lut_count, book_m.lut_threshold,
+                            book_v.values_floored, book_v.lut_count, book_v.lut_threshold,
+                            seed, torch.zeros((), dtype=torch.int32, device=p.device) if skip is None else skip.int(),
+                            n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, (1 - beta2**step) ** 0.5,
+                            lr / (1 - beta1**step), QGROUP=qgroup, GROUPS=groups, STOCHASTIC=p.dtype == torch.bfloat16)

@@ -1,8 +1,8 @@
 """
 LLaMA as the SLTrain paper trains it, in plain PyTorch: token embedding, blocks of
 RMSNorm -> causal self-attention with RoPE -> RMSNorm -> SwiGLU MLP, a final RMSNorm and an
-untied lm_head. No biases. Model code knows nothing of SLTrain or parallelism: sltrain.py swaps
-the block linears, train.py wraps the model.
+untied lm_head. No biases. The LLaMA classes know nothing of SLTrain or parallelism: sltrain.py swaps
+the block linears (build_model, at the end, builds a run's model that way), train.py wraps the model.
 
 Build any size on the meta device (free), then materialise and initialise:
     with torch.device("meta"): model = LLaMA(CONFIGS["7b"])
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sltrain import swap_linears
 
 
 @dataclass
@@ -250,3 +252,18 @@ def evaluate(model, batches, autocast, device):
 
 def perplexity(loss):
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows past 709.78
+
+
+# -----------------------------------------------------------------------------
+# a run's model
+
+
+def build_model(model_config, sl, param_dtype="float32"):
+    """The model on the meta device (no memory): LLaMA with its block linears swapped for sl["method"]'s
+    layers (sltrain.swap_linears: method, rank, delta, alpha, seed), weights in param_dtype. A checkpoint's
+    `build` holds these three arguments, so every reader of a run rebuilds its model with them."""
+    with torch.device("meta"):
+        model = swap_linears(LLaMA(ModelConfig(**model_config)), **sl)
+    for p in model.parameters():  # parameters only: the RoPE tables stay fp32
+        p.data = p.data.to(getattr(torch, param_dtype))
+    return model

@@ -1,9 +1,11 @@
 """
-AdamW with 8-bit group-wise quantized moments.
+The optimizer: AdamW with 8-bit group-wise quantized moments (AdamW8bit), the code book its moments are
+rounded to, and per-layer updates (PerLayerOptimizer). Plain PyTorch; the fused update for CUDA tensors is
+kernels.adamw8bit_update_, and the PyTorch path here is its oracle.
 
 AdamW8bit stores Adam's two moments m and v as one byte per element: each quantization group of 256
 elements keeps an fp32 absmax, and every element the index of the nearest value of a
-256-entry code book (the "dynamic" map of Dettmers et al., derived in codebook.py), scaled by its
+256-entry code book (the "dynamic" map of Dettmers et al., derived below), scaled by its
 group's absmax. Every step dequantizes to fp32, runs the ordinary AdamW update, and quantizes again,
 so the state costs 2 + 8/256 = 2.03 bytes per parameter instead of 8.
 
@@ -22,20 +24,122 @@ parameter, moments and step count stay as they were and state["skipped"] counts 
 the update runs and every write keeps the old value where the flag is set (torch.where, or masked
 stores in the kernel). Under FSDP2 a tensor's flag is the OR over its shards on every rank (one
 all-reduce), so all ranks skip the same tensors. The step and skip counts are booked once per
-step for all tensors (`book_skips`: one host sync), by step(), by per_layer.PerLayerOptimizer, or by
+step for all tensors (`book_skips`: one host sync), by step(), by PerLayerOptimizer, or by
 train.py with the step's loss (one read from the device per step).
 """
 import math
 
 import torch
-
-from codebook import QGROUP, Codebook
+import torch.nn.functional as F
 
 try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+    import kernels  # all Triton lives there: the fused AdamW8bit update for CUDA tensors
+except ModuleNotFoundError as e:
+    if e.name != "triton":  # no triton package: the PyTorch path everywhere; anything else is a bug
+        raise
+    kernels = None
+
+# -----------------------------------------------------------------------------
+# the code book
+#
+# The 8-bit code book of AdamW8bit's moments (optim.py): 256 values, and rounding fp32 numbers to them.
+# A moment is stored in quantization groups of QGROUP = 256 elements: each group keeps its fp32 absmax,
+# each element the byte of the nearest code-book value to (element / absmax).
+#
+# The dynamic code book, derived. Read a byte as [sign] [E zeros] [a one] [F fraction bits]:
+# the run of E leading zeros (E = 0..6) is a base-10 exponent, the magnitude's decade
+# [0.1, 1] * 10^-E; the F = 6 - E bits left over cut that decade into 2^F equal bins and the
+# value is the bin's midpoint:
+#     +-10^-E * (0.1 + 0.9 * (k + 1/2) / 2^F),    k = 0 .. 2^F - 1.
+# Large magnitudes get fine steps, small ones keep their order of magnitude: 7 decades from
+# 8 bits. The top decade has 64 values per sign, each lower decade half as many, down to a
+# single one at 0.55e-6: 2 * 127 values, plus the all-zero byte for 0 and the spare
+# "negative zero" byte for 1.0, so a group's absmax itself is exact. The largest negative value
+# is the midpoint of the last bin, -(1 - 0.45/64) = -0.99297. v >= 0 needs no sign: the sign
+# bit becomes one more fraction bit (F = 7 - E, 128 values in the top decade, twice the
+# resolution), and the byte that would open an eighth decade is spent on 1.0 instead. Rounding
+# to the nearest value errs by at most half a top-decade bin: 0.45/64 = 0.00703 (signed) and
+# 0.45/128 = 0.00352 (unsigned) times absmax. 0 maps to exactly 0.
+
+QGROUP = 256  # elements per quantization group, each with its own fp32 absmax
+
+
+def dynamic_code(signed):
+    """The 256 values of the dynamic code book (derived in the module docstring), sorted, fp32."""
+    values = [0.0, 1.0]
+    for E in range(7):
+        bins = 2 ** ((6 if signed else 7) - E)
+        mags = [10.0**-E * (0.1 + 0.9 * (k + 0.5) / bins) for k in range(bins)]
+        values += mags + ([-x for x in mags] if signed else [])
+    return torch.tensor(sorted(values), dtype=torch.float64).float()
+
+
+class Codebook:
+    """One code book (256 sorted fp32 values) and the tables that round fp32 numbers to it.
+
+    Rounding to nearest means counting the thresholds t_j (midpoints between neighbouring
+    values) that lie below x. A binary search per element is slow on CPU, so we bucket x by
+    the top 16 bits of its fp32 pattern (sign, exponent, 7 mantissa bits). Thresholds lie a
+    bin apart, at least 0.0070 in the finest decade (unsigned, [0.1, 1]), where a bucket is
+    at most 2^-8 = 0.0039 wide; lower decades shrink both alike. So a bucket holds at most
+    one threshold (asserted below), and
+        index(x) = count[bucket] + (x > first_threshold[bucket]),
+    two table lookups and a compare, the same on CPU and in the Triton kernel.
+    """
+
+    def __init__(self, signed):
+        self.signed = signed
+        self.values = dynamic_code(signed)  # (256,)
+        exact = (self.values[:-1].double() + self.values[1:].double()) / 2  # exact midpoints
+        # Largest fp32 <= the midpoint, so "x > t" in fp32 is "x is nearer the upper value";
+        # an exact tie goes to the lower value (as a brute-force argmin would).
+        t = exact.float()
+        t = torch.where(t.double() > exact, torch.nextafter(t, torch.tensor(-math.inf)), t)
+        self.thresholds = torch.cat([t, torch.tensor([math.inf])])  # (256,), +inf: nothing above 1.0
+        top16 = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32)  # bucket b holds fp32 patterns (b << 16) | low16
+        ends = torch.stack([top16 << 16, (top16 << 16) | 0xFFFF]).view(torch.float32)
+        lo, hi = ends.amin(0), ends.amax(0)
+        count = torch.bucketize(lo.nan_to_num(0.0), t)  # thresholds < the bucket's smallest value
+        finite = lo.isfinite() & hi.isfinite()
+        assert (torch.bucketize(hi[finite], t) - count[finite]).max() <= 1, "a bucket holds two thresholds"
+        self.lut_count = count.to(torch.uint8)  # (65536,)
+        self.lut_threshold = self.thresholds[count]  # (65536,)
+        self.zero = int((self.values == 0).nonzero())  # the code of 0, for fresh state
+        # For v: decode the 0 code as the largest value that rounds to it (half the first bin).
+        # A true v below that is stored as 0; decoding it as 0 would divide m by eps alone.
+        self.values_floored = self.values.clone()
+        self.values_floored[self.zero] = 0.0 if signed else self.thresholds[self.zero]
+
+    def to(self, device):
+        for name in ("values", "values_floored", "thresholds", "lut_count", "lut_threshold"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def quantize_(self, x, codes, absmax):
+        """x (L,) fp32 -> codes (L,) uint8 and absmax (ceil(L/256),) fp32, written in place. Clobbers x."""
+        xb = _groups(x)  # (L/256, 256)
+        if self.signed:
+            torch.maximum(xb.amax(dim=1), xb.amin(dim=1).neg_(), out=absmax)
+        else:  # v >= 0
+            torch.amax(xb, dim=1, out=absmax)
+        xb.div_(torch.where(absmax > 0, absmax, 1.0)[:, None])  # now in [-1, 1]
+        bucket = (xb.view(torch.int32) >> 16).add_(1 << 15).view(-1)  # top 16 bits, as 0..65535
+        index = self.lut_count.index_select(0, bucket)
+        index += xb.view(-1) > self.lut_threshold.index_select(0, bucket)
+        codes.copy_(index[: codes.numel()])
+
+    def dequantize(self, codes, absmax, floored=False):
+        """codes (L,) uint8, absmax (ceil(L/256),) -> (L,) fp32 values * absmax of their group;
+        floored: the 0 code decodes as the top of its bin (see values_floored)."""
+        x = (self.values_floored if floored else self.values).index_select(0, codes.int())
+        return _groups(x).mul_(absmax[:, None]).view(-1)[: codes.numel()]
+
+
+def _groups(x):
+    """(L,) -> (ceil(L/256), 256), zero-padding the last group (a copy only when L % 256 != 0)."""
+    pad = -x.numel() % QGROUP
+    return (F.pad(x, (0, pad)) if pad else x).view(-1, QGROUP)
+
 
 CHUNK = 1 << 18  # elements per slice on a CPU (a multiple of QGROUP): 1 MB fp32 temporaries stay in cache
 CHUNK_CUDA = 1 << 24  # on a GPU: 64 MB temporaries, few enough launches (AdamW on a 7b model: ~400 slices)
@@ -80,15 +184,16 @@ def fp32_state_params(model):
 
 
 def pending_flags(optimizers):
-    """The non-finite flags (device tensors) of the tensors these AdamW8bit optimizers updated since the
-    last book_skips: a caller that reads other values from the device reads these with them."""
-    return [flag for opt in optimizers for _, flag in getattr(opt, "_pending", ())]
+    """The non-finite flags (device tensors) of the tensors these AdamW8bit optimizers (or a PerLayerOptimizer's)
+    updated since the last book_skips: a caller that reads other values from the device reads these with them."""
+    return [flag for opt in _inner(optimizers) for _, flag in getattr(opt, "_pending", ())]
 
 
 def book_skips(optimizers, flags=None):
-    """Book the last step's skips of these AdamW8bit optimizers: a skipped tensor's step count goes back
-    (its update was discarded), its skip count up. flags: pending_flags' values, read by the caller;
-    else read here, one host sync for all the tensors."""
+    """Book the last step's skips of these AdamW8bit optimizers (or a PerLayerOptimizer's): a skipped tensor's
+    step count goes back (its update was discarded), its skip count up. flags: pending_flags' values, read by
+    the caller; else read here, one host sync for all the tensors."""
+    optimizers = _inner(optimizers)
     pending = [item for opt in optimizers for item in getattr(opt, "_pending", ())]
     if pending and flags is None:
         flags = torch.stack([flag for _, flag in pending]).tolist()
@@ -98,6 +203,12 @@ def book_skips(optimizers, flags=None):
     for opt in optimizers:
         if hasattr(opt, "_pending"):
             opt._pending.clear()
+
+
+def _inner(optimizers):
+    """One optimizer or a list -> a list, a PerLayerOptimizer standing for its per-parameter optimizers."""
+    optimizers = optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]
+    return [o for opt in optimizers for o in (opt.optimizers.values() if isinstance(opt, PerLayerOptimizer) else [opt])]
 
 
 def _local(t):
@@ -191,7 +302,7 @@ class AdamW8bit(torch.optim.Optimizer):
         for (p, group), flag in zip(todo, nonfinite):
             self._step_param(_local(p), _local(p.grad), self.state[p], group, flag.bool(), shard_rank(p))
         if self.book_skips_in_step:
-            book_skips([self])
+            book_skips(self)
         return loss
 
     def _step_param(self, p, g, state, group, bad, shard=None):
@@ -209,9 +320,9 @@ class AdamW8bit(torch.optim.Optimizer):
         self._pending.append((state, bad))
         beta1, beta2 = group["betas"]
         hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"])
-        if "exp_avg" not in state and (self.use_triton or (self.use_triton is None and p.is_cuda and triton is not None)):
-            adamw8bit_triton_(p, g, state, self.book(p.device, True), self.book(p.device, False), *hyper, skip=bad,
-                              shard=shard)
+        if "exp_avg" not in state and (self.use_triton or (self.use_triton is None and p.is_cuda and kernels is not None)):
+            kernels.adamw8bit_update_(p, g, state, self.book(p.device, True), self.book(p.device, False), *hyper,
+                                      qgroup=QGROUP, skip=bad, shard=shard)
             return
         self._noise = None  # bf16 rounding noise: torch's RNG, or under FSDP2 a stream of this shard's own
         if shard is not None and p.dtype == torch.bfloat16:  # seed drawn from the CPU RNG: no device sync
@@ -274,74 +385,149 @@ class AdamW8bit(torch.optim.Optimizer):
 
 
 # -----------------------------------------------------------------------------
-# the fused Triton update (CUDA): dequantize, update, requantize in one pass over memory
-
-if triton is not None:
-
-    @triton.jit
-    def _quantize_tile(x, lut_count_ptr, lut_threshold_ptr):
-        """x (GROUPS, 256) fp32 -> codes (GROUPS, 256) uint8, absmax (GROUPS,): Codebook.quantize_."""
-        absmax = tl.max(tl.abs(x), axis=1)
-        x = tl.div_rn(x, tl.where(absmax > 0, absmax, 1.0)[:, None])
-        bucket = (x.to(tl.int32, bitcast=True) >> 16) + 32768
-        codes = tl.load(lut_count_ptr + bucket) + (x > tl.load(lut_threshold_ptr + bucket)).to(tl.uint8)
-        return codes, absmax
-
-    @triton.jit
-    def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
-                          m_values_ptr, m_lut_count_ptr, m_lut_threshold_ptr,
-                          v_values_ptr, v_lut_count_ptr, v_lut_threshold_ptr,
-                          seed_ptr, skip_ptr, n, decay, one_minus_beta1, beta2, one_minus_beta2, eps, bias2_sqrt, step_size,
-                          QGROUP: tl.constexpr, GROUPS: tl.constexpr, STOCHASTIC: tl.constexpr):
-        """Program i updates quantization groups i*GROUPS .. (i+1)*GROUPS - 1, a (GROUPS, QGROUP) tile."""
-        rows = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)  # (GROUPS,) group indices
-        offs = rows[:, None] * QGROUP + tl.arange(0, QGROUP)[None, :]  # (GROUPS, QGROUP)
-        keep = tl.load(skip_ptr + 0 * rows) == 0  # (GROUPS,): a non-finite gradient in this tensor: write nothing
-        mask, row_mask = (offs < n) & keep[:, None], (rows * QGROUP < n) & keep
-        # load and dequantize; bf16 is converted to fp32 before any arithmetic
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m_codes = tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-        v_codes = tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-        m = tl.load(m_values_ptr + m_codes) * tl.load(m_absmax_ptr + rows, mask=row_mask, other=0.0)[:, None]
-        v = tl.load(v_values_ptr + v_codes) * tl.load(v_absmax_ptr + rows, mask=row_mask, other=0.0)[:, None]
-        # AdamW, as adamw_update_ (the scalars come from the host, rounded as torch rounds them)
-        p = p * decay
-        m = m + one_minus_beta1 * (g - m)
-        v = v * beta2 + one_minus_beta2 * g * g
-        # IEEE round-to-nearest, as torch and the interpreter: compiled `sqrt` and `/` are approximate
-        # (a few ulp, subnormals flushed to 0), and a v whose group absmax is subnormal would lose them
-        denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
-        p = p + tl.div_rn(-step_size * m, denom)
-        if STOCHASTIC:  # a bf16 weight: stochastic_round (16 random bits under the kept 16, then drop them)
-            noise = (tl.randint(tl.load(seed_ptr), offs) & 0xFFFF).to(tl.int32)
-            p = ((p.to(tl.int32, bitcast=True) + noise) & -65536).to(tl.float32, bitcast=True)
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
-        # requantize; padding lanes are 0 so they do not touch the absmax
-        m_codes, m_absmax = _quantize_tile(tl.where(mask, m, 0.0), m_lut_count_ptr, m_lut_threshold_ptr)
-        v_codes, v_absmax = _quantize_tile(tl.where(mask, v, 0.0), v_lut_count_ptr, v_lut_threshold_ptr)
-        tl.store(m_codes_ptr + offs, m_codes, mask=mask)
-        tl.store(v_codes_ptr + offs, v_codes, mask=mask)
-        tl.store(m_absmax_ptr + rows, m_absmax, mask=row_mask)
-        tl.store(v_absmax_ptr + rows, v_absmax, mask=row_mask)
+# per-layer updates
+#
+# Per-layer updates: each parameter steps inside backward, from its own post-accumulate-grad hook, as
+# soon as its gradient is ready, and frees that gradient at once, so no full gradient buffer ever exists
+# (the paper's 7b recipe). Any optimizer works per parameter; AdamW8bit's non-finite skips are reconciled
+# once per FSDP2 unit and booked once per step.
 
 
-def adamw8bit_triton_(p, g, state, book_m, book_v, lr, beta1, beta2, eps, weight_decay, step, groups=4, skip=None,
-                      shard=None):
-    """The fused kernel over one tensor; same arguments as AdamW8bit's PyTorch path. skip: a 0-dim
-    device flag; when set, the kernel writes nothing. shard: shard_rank(p), folded into the seed."""
-    n = p.numel()
-    if n == 0:
-        return
-    grid = (triton.cdiv(n, QGROUP * groups),)
-    # the rounding noise's seed, drawn on the device from torch's RNG (checkpointed; no host sync)
-    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=p.device)
-    if shard is not None:  # Philox streams of other seeds are independent: one per FSDP2 shard
-        seed = (seed + shard * 0x3C6EF372) % (2**31 - 1)
-    seed = seed.int()
-    _adamw8bit_kernel[grid](p, g.contiguous(), state["m_codes"], state["m_absmax"], state["v_codes"], state["v_absmax"],
-                            book_m.values, book_m.lut_count, book_m.lut_threshold,
-                            book_v.values_floored, book_v.lut_count, book_v.lut_threshold,
-                            seed, torch.zeros((), dtype=torch.int32, device=p.device) if skip is None else skip.int(),
-                            n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, (1 - beta2**step) ** 0.5,
-                            lr / (1 - beta1**step), QGROUP=QGROUP, GROUPS=groups, STOCHASTIC=p.dtype == torch.bfloat16)
+def per_layer_conflict(grad_clip, data_parallel):
+    """Why per-layer updates cannot run with these settings, or None (train.py's flags check it)."""
+    if grad_clip > 0:
+        return ("clipping needs the global gradient norm, but per-layer updates free each gradient as soon as its "
+                "parameter is updated")
+    if data_parallel:
+        return "its hooks fire before DDP's gradient all-reduce (each rank would step on its own gradient)"
+    return None
+
+
+class PerLayerOptimizer:
+    """One optimizer per parameter, stepped from a post-accumulate-grad hook that then frees the
+    gradient, so no full gradient buffer ever exists. Use it where a torch optimizer goes:
+
+        opt = PerLayerOptimizer(model.named_parameters(), lambda ps: AdamW8bit(ps, lr=lr), grad_accum_steps=k)
+        for g in opt.param_groups: g["lr"] = schedule(step)   # BEFORE backward: the step runs inside it
+        for micro in range(k): (loss / k).backward()           # the k-th backward steps every parameter
+        opt.step()                                             # checks that it happened; updates nothing
+        opt.zero_grad(set_to_none=True)                        # harmless: the gradients are gone already
+
+    param_groups lists the inner optimizers' own group dicts, so one schedule writing g["lr"]
+    drives every per-parameter optimizer, and each uses exactly the schedule's LR of that step.
+    Gradient accumulation: a parameter's hook steps on every k-th backward and lets the gradient
+    accumulate in between, which keeps a full gradient buffer alive across the micro-steps: with
+    k > 1 per-layer updates save no memory over a global optimizer (they stay correct).
+    Global grad-norm clipping needs every gradient at once and cannot work: clip_grad_norm_ raises.
+    Under DDP the hooks would fire before the all-reduce: do not combine them. Under FSDP2 they
+    fire on this rank's reduced shard, which AdamW8bit updates as it is.
+
+    units: lists of parameter names whose gradients arrive together, FSDP2's units (one reduce-
+    scatter each, whose hooks then run back to back). A unit's parameters step when its last one
+    arrives, after one all-reduce of the whole unit's non-finite flags (nonfinite_flags): a
+    collective per unit (~33 per step at 7b), not per parameter (~740), each launched on FSDP2's
+    reduce-scatter stream. Without units every parameter steps at once in its own hook.
+    """
+
+    def __init__(self, params, make_optimizer, grad_accum_steps=1, units=None):
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        named = [item if isinstance(item, tuple) else (str(i), item) for i, item in enumerate(params)]
+        self.params = {name: p for name, p in named if p.requires_grad}
+        dist = torch.distributed
+        if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+                and not all(hasattr(p, "to_local") for p in self.params.values())):  # plain tensors on many ranks: DDP
+            raise RuntimeError("per-layer updates do not work under DDP: the hooks fire before the gradient all-reduce, "
+                               "so each rank would step on its own gradient. Use FSDP2 (fully_shard) or a global optimizer.")
+        self.optimizers = {name: make_optimizer([p]) for name, p in self.params.items()}
+        for opt in self.optimizers.values():  # AdamW8bit's skip counts: booked once per step, in step()
+            opt.book_skips_in_step = False
+        self.book_skips_in_step = True  # False: the caller books them (train.py, with the step's loss)
+        self.grad_accum_steps = grad_accum_steps
+        self._of = {p: self.optimizers[name] for name, p in self.params.items()}
+        self._backwards = {p: 0 for p in self._of}  # backward passes accumulated since p's last step
+        units = [[n for n in unit if n in self.params] for unit in units or []]
+        in_units = {n for unit in units for n in unit}
+        units = [unit for unit in units if unit] + [[n] for n in self.params if n not in in_units]
+        self._unit = {}  # parameter -> the list of its unit's parameters
+        for unit in units:
+            members = [self.params[n] for n in unit]
+            for p in members:
+                self._unit[p] = members
+        self._ready = {}  # id of a unit -> its parameters whose gradient is complete, not yet stepped
+        self._stepped = 0  # parameters stepped since the last step() call
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self._of]
+
+    @property
+    def param_groups(self):
+        # Looked up on every access: an inner load_state_dict replaces its group dicts, and a
+        # list captured once would go stale (the schedule would stop reaching the optimizers).
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    @torch.no_grad()
+    def _hook(self, p):
+        self._backwards[p] += 1
+        if self._backwards[p] < self.grad_accum_steps:
+            return  # not the last micro-step: leave the gradient to accumulate
+        self._backwards[p] = 0
+        unit = self._unit[p]
+        ready = self._ready.setdefault(id(unit), [])
+        ready.append(p)
+        if len(ready) == len(unit):
+            self._step_unit(self._ready.pop(id(unit)))
+
+    def _step_unit(self, params):
+        """Step these parameters, with one reconciliation of their non-finite flags, and free their gradients."""
+        eight_bit = [p for p in params if isinstance(self._of[p], AdamW8bit)]
+        flags = dict(zip(eight_bit, nonfinite_flags([p.grad for p in eight_bit])))
+        for p in params:
+            self._of[p].step(nonfinite=[flags[p]]) if p in flags else self._of[p].step()
+            p.grad = None
+        self._stepped += len(params)
+
+    def step(self):
+        """The updates already ran inside backward; raise if they did not all complete."""
+        partial = [name for name, p in self.params.items() if self._backwards[p]]
+        if partial:
+            raise RuntimeError(f"{len(partial)} parameters (first: {partial[0]}) saw a number of backward passes that "
+                               f"is not a multiple of grad_accum_steps={self.grad_accum_steps}; call step() only "
+                               f"after the last micro-step")
+        for unit in list(self._ready.values()):  # a unit some of whose parameters got no gradient
+            self._step_unit(unit)  # (the same on every rank: FSDP2 reduces the same parameters everywhere)
+        self._ready.clear()
+        if self._stepped == 0:
+            raise RuntimeError("no parameter was updated since the last step(): no backward ran, or remove() was called")
+        self._stepped = 0
+        if self.book_skips_in_step:
+            book_skips(self)
+
+    @property
+    def skipped(self):
+        """Per-parameter updates skipped for a non-finite gradient (AdamW8bit's count; 0 for others)."""
+        return sum(getattr(opt, "skipped", 0) for opt in self.optimizers.values())
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params.values():
+            p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
+
+    def clip_grad_norm_(self, max_norm):
+        raise RuntimeError(f"global grad-norm clipping (max_norm={max_norm}) cannot work with per-layer updates: each "
+                           f"gradient is used and freed during backward, before the global norm is known. Turn off "
+                           f"clipping or per-layer updates.")
+
+    def state_dict(self):
+        return {"optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}
+
+    def load_state_dict(self, state_dict):
+        saved = state_dict["optimizers"]
+        if saved.keys() != self.optimizers.keys():
+            raise ValueError(f"checkpoint holds optimizers for {len(saved)} parameters, this model has "
+                             f"{len(self.optimizers)} (or their names differ)")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(saved[name])
+
+    def remove(self):
+        """Unregister the hooks: backward no longer steps anything."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -25,26 +25,12 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from checkpoint import load_model, run_data_meta
-from config import devices
-from data.prepare import OfflineError, get_encoding
+from run.checkpoint import load_model, load_tokenizer
+from run.flags import devices
 from sltrain import SLLinear, csr_forward
 
 DECODE_MODES = ("merged", "csr")
 CACHE_BYTES = 32 * 2**20  # the last-level cache of a CPU (32 MiB on the project machine): see choose_decode
-
-# -----------------------------------------------------------------------------
-# loading a run
-
-
-def load_tokenizer(out_dir, config):
-    """The tiktoken encoding the run's data was prepared with."""
-    name = run_data_meta(out_dir, config)["tokenizer"]
-    try:
-        return get_encoding(name)
-    except (OfflineError, ValueError) as e:
-        sys.exit(f"error: the run's tokenizer {name!r} cannot be loaded: {e}")
-
 
 # -----------------------------------------------------------------------------
 # decoding

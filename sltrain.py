@@ -23,8 +23,8 @@ nn.Linear's default for a (out, rank) weight. With delta > 0, S breaks the symme
 
 Two routes compute a layer in training: the dense route here (SLLinearFunction: rebuild W, one
 matmul), and the Triton route of kernels.py (x A^T, then B, plus sparse kernels; W never formed).
-route(x, layer) is the one place that picks between them. kernels.py imports this module at its top,
-so this module imports kernels.py only inside triton_route, when a layer first takes that route.
+route(x, layer) is the one place that picks between them. kernels.py is imported only when a layer
+first takes that route, so a machine without triton trains on the dense route.
 Decoding has a third way, csr_forward at the end: the factors and S as a torch CSR tensor.
 """
 import functools
@@ -128,7 +128,7 @@ def choose_route(T, in_features, out_features, rank, nnz):
 @functools.cache
 def triton_route():
     """kernels.layer_forward, (x, layer) -> y, or None where the triton package is not installed.
-    Imported on first use, not at the top: kernels.py imports this module."""
+    Imported on first use, not at the top: triton is optional for the dense route."""
     try:
         import kernels
     except ModuleNotFoundError as e:
@@ -167,16 +167,21 @@ def takes_triton(model, token_counts, cuda):
 # the layer
 
 
+def setting_errors(rank, delta, alpha, max_rank):
+    """[(name, value, what a valid value is)] for each SL setting that breaks its rule; max_rank: the
+    smallest side of the layers they are for. The one home of these rules: SLLinear and train.py's
+    flags both ask here."""
+    return [(name, value, rule) for ok, name, value, rule in (
+        (1 <= rank <= max_rank, "rank", rank, f"must be in [1, {max_rank}]"),
+        (0 <= delta < 1, "delta", delta, "the sparse density must be in [0, 1)"),
+        (0 < alpha < math.inf, "alpha", alpha, "must be > 0 (scale = alpha / rank)")) if not ok]
+
+
 class SLLinear(nn.Module):
     def __init__(self, in_features, out_features, rank, delta, alpha, seed=0):
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, min(in, out)] = [1, {min(in_features, out_features)}] "
-                             f"for a {in_features} -> {out_features} layer, got {rank}")
-        if not 0.0 <= delta < 1.0:
-            raise ValueError(f"delta (the sparse density) must be in [0, 1), got {delta}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
+        for name, value, rule in setting_errors(rank, delta, alpha, min(in_features, out_features))[:1]:
+            raise ValueError(f"{name} {value}: {rule} for a {in_features} -> {out_features} layer")
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.delta, self.alpha, self.seed = rank, delta, alpha, seed
         self.scale = alpha / rank

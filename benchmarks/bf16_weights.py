@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import train  # noqa: E402
-from checkpoint import read_log  # noqa: E402
+from run.checkpoint import read_log  # noqa: E402
 from model import RMSNorm  # noqa: E402
 from optim import AdamW8bit  # noqa: E402
 

@@ -59,12 +59,12 @@ def launches():
                    dict(index, dvalues_ptr="*fp64" if act == "fp64" else "*fp32", dy_t_ptr="*" + act, x_t_ptr="*" + act),
                    dict(ACC=acc, TILE_ROWS=t.TILE_ROWS, TILE_T=t.TILE_T, TOKENS_PER_PROGRAM=t.TOKENS_PER_PROGRAM),
                    t.num_warps)
-    groups = inspect.signature(optim.adamw8bit_triton_).parameters["groups"].default
+    groups = inspect.signature(kernels.adamw8bit_update_).parameters["groups"].default
     for p in ("bf16", "fp32"):  # codes and lookup counts are uint8; tables, absmax and scalars fp32
         types = {a: ("*u8" if "codes" in a or "count" in a else "*fp32") if a.endswith("_ptr") else "fp32"
-                 for a in optim._adamw8bit_kernel.arg_names}
+                 for a in kernels._adamw8bit_kernel.arg_names}
         types.update(p_ptr="*" + p, g_ptr="*" + p, seed_ptr="*i32", skip_ptr="*i32", n="i32")
-        yield ("_adamw8bit_kernel", p, optim._adamw8bit_kernel, types,
+        yield ("_adamw8bit_kernel", p, kernels._adamw8bit_kernel, types,
                dict(QGROUP=optim.QGROUP, GROUPS=groups, STOCHASTIC=p == "bf16"),  # bf16 weights round stochastically
                4)  # the launcher passes no num_warps: Triton's default
 

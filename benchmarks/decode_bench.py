@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from model import CONFIGS, LLaMA  # noqa: E402
-from config import devices  # noqa: E402
+from run.flags import devices  # noqa: E402
 from sample import choose_decode, generate, prepare_decode, sync  # noqa: E402
 from sltrain import swap_linears  # noqa: E402
 

@@ -23,7 +23,7 @@ import sys
 import time
 
 import study
-from study import LADDER, ROOT, Task, final_val, read_log, run_all
+from study import LADDER, ROOT, Task, ci95, final_val, read_log, run_all, verdict
 
 # (label, model, method): the four models compared; tiny-narrow is the dense model of tiny sltrain's size
 MODELS = (("full", "tiny", "full"), ("lowrank", "tiny", "lowrank"), ("sltrain", "tiny", "sltrain"),
@@ -61,7 +61,8 @@ def sweep_400(args, model, method):
     for lr in LADDER:
         path = os.path.join(SWEEPS[model], study.name_of(Task(method, lr, 0, args.sweep_steps, model)) + ".jsonl")
         if os.path.exists(path) and final_val(read_log(path), args.sweep_steps) is not None:
-            found[lr] = final_val(read_log(path), args.sweep_steps)
+            v = final_val(read_log(path), args.sweep_steps)
+            found[lr] = v if math.isfinite(v) else math.inf  # diverged: the worst, never the best
     if not found:
         sys.exit(f"error: no {args.sweep_steps}-step sweep of {model} {method} in {SWEEPS[model]}: run "
                  f"benchmarks/study.py (or why_sparse.py for tiny-narrow) first")
@@ -119,16 +120,193 @@ def collect(args, do_runs):
     return out
 
 
+# -----------------------------------------------------------------------------
+# measures: the train-batch loss, what an eval read (statistics: study.ci95, study.verdict)
+
+def train_batch_loss(records, steps):
+    """The mean training loss over the last 10% of the steps (the train records' interval means, weighted by
+    their steps): an in-distribution measure on the batches every run of a seed sees alike."""
+    start = steps - max(1, steps // 10)
+    parts = [(r["loss_mean"], r["steps_in_mean"]) for r in records if r.get("type") == "train" and "loss_mean" in r
+             and r["step"] > start]
+    n = sum(k for _, k in parts)
+    return sum(v * k for v, k in parts) / n if n and n == steps - start else None
+
+
+def evals(records):
+    return {r["step"]: r["val_loss"] for r in records if r.get("type") == "eval"}
+
+
+def fmt(v, digits=4):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def eval_set(records):
+    """What the evals of these runs read (their config record)."""
+    config = next((r for r in records if r.get("type") == "config"), {})
+    if "eval_windows" not in config:
+        return "the first --eval-tokens of val (an older eval)"
+    return (f"{config['eval_windows']} windows of {config['seq_len']} tokens spread over the whole val split "
+            f"({config['val_split_tokens']:,} tokens; {config['eval_share_read']:.0%} of it read)")
+
+
+# -----------------------------------------------------------------------------
+# tables
+
+
+def paired(a, b, steps, measure):
+    """[(seed, a - b)] for the seeds both have, by `measure` (final_val or train_batch_loss)."""
+    out = []
+    for seed in sorted(set(a) & set(b)):
+        x, y = measure(a[seed], steps), measure(b[seed], steps)
+        if x is not None and y is not None:
+            out.append((seed, x - y))
+    return out
+
+
+def difference_rows(pairs_of, steps):
+    lines = ["| difference | measure | per seed | mean +- sd | 95% CI | reads |", "|---|---|---|---|---|---|"]
+    for label, a, b in pairs_of:
+        for measure, name in ((final_val, "val loss"), (train_batch_loss, "train-batch loss")):
+            d = paired(a, b, steps, measure)
+            if not d:
+                continue
+            mean, sd, low, high = ci95([v for _, v in d])
+            lines.append(f"| {label} | {name} | " + ", ".join(f"{v:+.4f}" for _, v in d) +
+                         f" | {mean:+.4f} +- {fmt(sd)} | " + ("-" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]") +
+                         f" | {verdict(low, high)} |")
+    return lines
+
+
+def report(args, out):
+    """benchmarks/results/horizon/table.md (returns its text) and the headline block of README.md."""
+    labels = [label for label, _, _ in MODELS]
+    any_records = next((r for part in ("bracket",) for lrs in out[part].values() for r in lrs.values() if r), [])
+    lines = [f"Eval: {eval_set(any_records)}; the same windows for every run. Train-batch loss: the mean training "
+             f"loss over the last 10% of the steps (equal seeds see identical batches). - = not run yet.", "",
+             f"## 1. lr at the horizon: {args.steps} steps ({args.steps * 4096 / 1e6:.1f}M tokens), seed 0", "",
+             "| model | 400-step best lr | " + " | ".join(f"lr {lr:g}" for lr in LADDER[2:8]) + " | best here |",
+             "|---|---|" + "---|" * 6 + "---|"]
+    for label in labels:
+        lrs = out["bracket"].get(label, {})
+        cell = {lr: f"{fmt(final_val(r, args.steps))} / {fmt(train_batch_loss(r, args.steps))}" if r else "-"
+                for lr, r in lrs.items()}
+        lines.append(f"| {label} | {out['rungs_400'][label]:g} | " +
+                     " | ".join(cell.get(lr, "") for lr in LADDER[2:8]) +
+                     f" | {fmt(out['best'][label], 0) if out['best'][label] is None else format(out['best'][label], 'g')} |")
+    lines += ["", "(cells: val loss / train-batch loss; blank = a rung not run: outside the bracket, or failed at "
+              "400 steps)", "", f"## 2. Three seeds at each model's {args.steps}-step best lr", "",
+              "| model | lr | val loss per seed | val mean +- sd | train-batch mean +- sd |", "|---|---|---|---|---|"]
+    seeds = {label: {s: out["seeds"][(label, s)] for s in SEEDS if out["seeds"].get((label, s))} for label in labels}
+    for label in labels:
+        runs = {s: r for s, r in seeds[label].items() if final_val(r, args.steps) is not None}
+        if not runs:
+            lines.append(f"| {label} | - | - | - | - |")
+            continue
+        v = ci95([final_val(r, args.steps) for r in runs.values()])
+        t = [train_batch_loss(r, args.steps) for r in runs.values()]
+        t = ci95(t) if None not in t else (math.nan, math.nan)
+        lines.append(f"| {label} | {out['best'][label]:g} | " + ", ".join(fmt(final_val(r, args.steps)) for r in runs.values())
+                     + f" | {fmt(v[0])} +- {fmt(v[1])} | {fmt(t[0])} +- {fmt(t[1])} |")
+    lines += ["", "Paired by seed; 95% CI of the mean difference (t, n - 1 degrees of freedom); 'within noise' where "
+              "it holds 0:", ""]
+    lines += difference_rows([("sltrain - full", seeds["sltrain"], seeds["full"]),
+                              ("sltrain - lowrank", seeds["sltrain"], seeds["lowrank"]),
+                              ("sltrain - tiny-narrow", seeds["sltrain"], seeds["tiny-narrow"]),
+                              ("full - tiny-narrow", seeds["full"], seeds["tiny-narrow"])], args.steps)
+    closed = [(seeds["lowrank"][s], seeds["sltrain"][s], seeds["full"][s]) for s in SEEDS
+              if all(s in seeds[m] for m in ("full", "lowrank", "sltrain"))]
+    gaps = [(final_val(lo, args.steps) - final_val(sl, args.steps)) / (final_val(lo, args.steps) - final_val(fu, args.steps))
+            for lo, sl, fu in closed]
+    if gaps:
+        g = ci95(gaps)
+        lines += ["", f"Gap closed by sltrain, (lowrank - sltrain) / (lowrank - full), per seed: "
+                  f"{', '.join(f'{x:.2f}' for x in gaps)}; mean {g[0]:.2f} +- {fmt(g[1], 2)}, 95% CI "
+                  + ("-" if math.isnan(g[2]) else f"[{g[2]:.2f}, {g[3]:.2f}]")]
+    # 3 and 4: S's own lr at the longer horizon
+    long = {key: r for key, r in list(out["sparse"].items()) + list(out["longer"].items()) if r}
+    rows = [("sltrain", None, "sltrain"), ("sltrain", SPARSE_RATIO, f"sltrain, S at {SPARSE_RATIO:g} x lr"),
+            ("full", None, "full"), ("lowrank", None, "lowrank"), ("tiny-narrow", None, "tiny-narrow")]
+    lines += ["", f"## 3. S's own lr: {args.longer} steps ({args.longer * 4096 / 1e6:.1f}M tokens), seed 0, each at its "
+              f"{args.steps}-step best lr", "", "| step | " + " | ".join(name for *_, name in rows) + " |",
+              "|---|" + "---|" * len(rows)]
+    curves = {name: evals(long[(label, ratio, 0)]) if (label, ratio, 0) in long else {} for label, ratio, name in rows}
+    for step in sorted(set().union(*curves.values())):
+        lines.append(f"| {step} | " + " | ".join(fmt(curves[name].get(step)) for *_, name in rows) + " |")
+    by_seed = {name: {s: long[(label, ratio, s)] for s in SEEDS if (label, ratio, s) in long} for label, ratio, name in rows}
+    lines += [""] + difference_rows([
+        (f"sltrain (S at {SPARSE_RATIO:g} x lr) - sltrain", by_seed[rows[1][2]], by_seed["sltrain"]),
+        (f"sltrain (S at {SPARSE_RATIO:g} x lr) - tiny-narrow", by_seed[rows[1][2]], by_seed["tiny-narrow"]),
+        ("sltrain - tiny-narrow", by_seed["sltrain"], by_seed["tiny-narrow"])], args.longer)
+    # 5: the ablation
+    lines += ["", f"## 5. The ablation's seed-0 cells at {args.steps} steps, sltrain's best lr", "",
+              "| rank | delta | val loss | train-batch loss |", "|---|---|---|---|"]
+    for (rank, delta), r in out["ablation"].items():
+        lines.append(f"| {rank} | {delta:g} | {fmt(final_val(r, args.steps) if r else None)} | "
+                     f"{fmt(train_batch_loss(r, args.steps) if r else None)} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, "table.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def plot(args, out):
+    plt = study.pyplot()
+    if plt is None:
+        return
+    colors = {"full": "tab:blue", "lowrank": "tab:orange", "sltrain": "tab:green", "tiny-narrow": "tab:purple"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, _, _ in MODELS:
+        runs = [out["seeds"][(label, s)] for s in SEEDS if out["seeds"].get((label, s))]
+        curves = [evals(r) for r in runs if final_val(r, args.steps) is not None]
+        if curves:
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            x = [s * 4096 / 1e6 for s in steps]
+            axes[0].plot(x, [sum(c[s] for c in curves) / len(curves) for s in steps], color=colors[label],
+                         label=f"{label} (lr {out['best'][label]:g}, {len(curves)} seeds)")
+            axes[0].fill_between(x, [min(c[s] for c in curves) for s in steps], [max(c[s] for c in curves) for s in steps],
+                                 color=colors[label], alpha=0.2)
+        lrs = {lr: final_val(r, args.steps) for lr, r in out["bracket"].get(label, {}).items() if r}
+        if lrs:
+            axes[1].plot(sorted(lrs), [lrs[lr] for lr in sorted(lrs)], "o-", color=colors[label], label=label)
+    axes[0].set(xlabel="tokens (M)", ylabel="val loss (spread eval)", title=f"{args.steps} steps, mean and range over seeds")
+    axes[1].set(xscale="log", xlabel="lr", ylabel="final val loss", title=f"lr at the horizon ({args.steps} steps, seed 0)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout(), fig.savefig(os.path.join(args.results, "horizon.png"), dpi=100)
+    long = {key: r for key, r in list(out["sparse"].items()) + list(out["longer"].items()) if r and key[2] == 0}
+    if long:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for (label, ratio, _), r in long.items():
+            e = evals(r)
+            name = label + (f", S at {ratio:g} x lr" if ratio else "")
+            axes[0].plot([s * 4096 / 1e6 for s in e], list(e.values()), "--" if ratio else "-", color=colors[label],
+                         label=name)
+            norms = [(rec["step"], rec["norms_S_BA"]) for rec in r if rec.get("type") == "eval" and rec.get("norms_S_BA")]
+            if norms:
+                ratio_of = [sum(v[0] for v in n.values()) / max(1e-12, sum(v[1] for v in n.values())) for _, n in norms]
+                axes[1].plot([s * 4096 / 1e6 for s, _ in norms], ratio_of, "--" if ratio else "-", color=colors[label],
+                             label=name)
+        axes[0].set(xlabel="tokens (M)", ylabel="val loss (spread eval)", title=f"{args.longer} steps, seed 0")
+        axes[1].set(xlabel="tokens (M)", ylabel="||S|| / ||scale BA|| (mean over layer types)", yscale="log",
+                    title="the sparse part against the low-rank part")
+        for ax in axes:
+            ax.legend(fontsize=8)
+        fig.tight_layout(), fig.savefig(os.path.join(args.results, "sparse_lr.png"), dpi=100)
+    print(f"wrote the PNGs to {args.results}")
+
+
 def main(argv=None):
+
     args = get_args(argv)
     t0 = time.time()
     try:
         out = collect(args, do_runs=not args.plot)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
-    for label, lrs in out["bracket"].items():
-        print(f"{label}: " + ", ".join(f"lr {lr:g} {final_val(r, args.steps):.4f}" if r else f"lr {lr:g} -"
-                                       for lr, r in sorted(lrs.items())))
+    print(report(args, out))
+    plot(args, out)
     print(f"horizon: {(time.time() - t0) / 60:.1f} min")
 
 

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from optim import AdamW8bit, triton  # noqa: E402
+from optim import AdamW8bit, kernels  # noqa: E402
 
 
 def state_bytes(opt):
@@ -23,7 +23,7 @@ def bench(numel=1 << 24, steps=5):
     """ms per step on one tensor of `numel` elements: the median of `steps` steps after 2 warm-up steps."""
     candidates = {"torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
                   "AdamW8bit (PyTorch)": lambda ps: AdamW8bit(ps, lr=1e-3, use_triton=False)}
-    if torch.cuda.is_available() and triton is not None:
+    if torch.cuda.is_available() and kernels is not None:
         candidates["AdamW8bit (Triton)"] = lambda ps: AdamW8bit(ps, lr=1e-3, use_triton=True)
     try:
         import bitsandbytes as bnb

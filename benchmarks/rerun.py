@@ -23,8 +23,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
-from checkpoint import read_log  # noqa: E402
-from config import parse_args  # noqa: E402
+from run.checkpoint import read_log  # noqa: E402
+from train import RECIPES  # noqa: E402
+from run.flags import parse_args  # noqa: E402
 from study import final_val  # noqa: E402  the last eval at a step, or None
 
 NOT_PINNED = {"help", "out_dir", "resume", "dry_run", "stop_at_step", "no_memory_check", "gpus"}
@@ -51,7 +52,7 @@ def get_args(argv=None):
 def settings(config):
     """train.py's flags at the values a config record resolved, in --help's order (no --out-dir)."""
     flags = []
-    for action in parse_args([])[0]._actions:
+    for action in parse_args([], RECIPES)[0]._actions:
         value = config.get(action.dest)
         if action.dest in NOT_PINNED or value is None or value is False:
             continue

@@ -3,6 +3,14 @@ Is a trained weight low-rank plus sparse? The paper's Figure 2 on any run train.
 
     python benchmarks/spectrum.py --out-dir runs/q22/full-lr0.001-seed0-steps2400
     python benchmarks/spectrum.py --out-dir RUN --rank 16 --delta 0.1 --results /tmp/spectrum
+    python benchmarks/spectrum.py --init tiny sltrain --init-seed 0 --results benchmarks/results/spectrum/sltrain-seed0-step0
+
+The control (a claim that training produces a structure needs the untrained model measured the same way):
+--init MODEL METHOD measures the model train.py starts from, its step 0, for `train.py --model MODEL --method
+METHOD --seed S` on the offline data (vocab 257): the size's config with the run's rank, delta and alpha,
+initialised by model.init_weights(S), which also draws each SL layer's support. No checkpoint is read. An
+untrained sltrain layer is already W = S (B = 0), a full-rank sparse matrix: measure it before reading
+structure into a trained one.
 
 For every block linear (q, k, v, o, gate, up, down of every block) it takes the weight W the layer
 computes with (a full layer's weight; for lowrank and sltrain layers W = scale * B A + S, densified)
@@ -16,25 +24,30 @@ and measures, in float64:
   - the share of ||R||_F^2 a sparse matrix with nnz = floor(delta * out * in) entries captures: R on a
     uniformly random support (the paper's S; delta in expectation, whatever R is) vs R on the nnz
     largest |R_ij| (the best any support of that size can do). For an sltrain layer, also on the
-    layer's own trained support.
-r and delta default to the run's own (its --rank and --delta, which a full run records too).
-Writes to --results (default benchmarks/results/spectrum/<run folder name>/): spectrum.md (one row
-per layer) and three PNGs: singular_values.png, residual_hist.png (the last block, as the paper's
-figure shows the last attention layer), sparse_capture.png.
+    layer's own support (where its S lives).
+r and delta default to the run's own (its --rank and --delta, which a full run records too); with --init, to
+the size's (model.CONFIGS, train.py's defaults), and --rank / --delta / --alpha set the model's too.
+Writes to --results (default: the run's own folder, RUN/spectrum/; --init has no run, so it needs --results):
+spectrum.md (one row per layer) and three PNGs: singular_values.png, residual_hist.png (the last block, as the
+paper's figure shows the last attention layer), sparse_capture.png.
 """
 import argparse
 import importlib.util
 import math
 import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from sample import load_model  # noqa: E402
-from sltrain import BLOCK_LINEARS, SLLinear, densify, random_support  # noqa: E402
+from run.checkpoint import load_model  # noqa: E402
+from model import CONFIGS, LLaMA  # noqa: E402
+from sltrain import BLOCK_LINEARS, METHODS, SLLinear, densify, random_support, swap_linears  # noqa: E402
+
+OFFLINE_VOCAB = 257  # the offline data's byte-level vocabulary (data/prepare.py), which every tiny run trained on
 
 # -----------------------------------------------------------------------------
 # the measures, on one (out, in) float64 matrix
@@ -88,6 +101,19 @@ def top_support(R, nnz):
 # a run's layers
 
 
+def step0_model(size, method, rank, delta, alpha, seed, vocab_size=OFFLINE_VOCAB):
+    """The model `train.py --model size --method method --seed seed` starts from: the size's config with the run's
+    SL settings, built on the meta device, materialised on the CPU and initialised by init_weights(seed), layer k's
+    support drawn from seed * 100_003 + k. vocab_size matters to the block linears too: init_weights draws the
+    embedding's vocab_size x dim values first, from the same generator."""
+    cfg = replace(CONFIGS[size], vocab_size=vocab_size, rank=rank, alpha=alpha, delta=delta)
+    with torch.device("meta"):
+        model = swap_linears(LLaMA(cfg), method, rank, delta, alpha, seed)
+    model.to_empty(device="cpu")
+    model.train_config = dict(method=method, rank=rank, delta=delta)
+    return model.init_weights(seed).eval()
+
+
 def block_weights(model):
     """[(name, W (out, in) float64, the SLLinear or None)] for every block linear, in model order."""
     out = []
@@ -103,7 +129,7 @@ def block_weights(model):
 
 def measure(W, rank, delta, generator, layer=None):
     """The row of one layer: its measures at rank r and density delta, plus what the plots need.
-    generator draws the random support (never a layer's own seed: that would redraw its trained support)."""
+    generator draws the random support (never a layer's own seed: that would redraw its own support)."""
     s = singular_values(W)
     R = residual(W, rank)
     nnz = math.floor(delta * W.numel())
@@ -126,7 +152,7 @@ def table(run, method, rank, delta, rows):
              "energy(r): share of ||W||_F^2 in the top r singular values; eff. rank: exp(entropy of s / sum s); "
              "kurtosis: excess kurtosis of the entries of R = W - W_r (0 for a Gaussian); random / top: share of "
              "||R||_F^2 on a uniformly random support / on the largest |R_ij|, nnz = floor(delta * out * in)"
-             + ("; own: on the layer's trained support" if own else "") + ".", "",
+             + ("; own: on the layer's own support (where its S lives)" if own else "") + ".", "",
              "| layer | shape | energy(r) | eff. rank | kurtosis | random | top |" + (" own |" if own else ""),
              "|---|---|---|---|---|---|---|" + ("---|" if own else "")]
     for name, row in rows:
@@ -172,7 +198,7 @@ def plot(folder, run, rank, delta, rows):
     ax.bar(x - 0.2, [row["top"] for _, row in rows], 0.4, label="top-|R| support (best)")
     ax.bar(x + 0.2, [row["random"] for _, row in rows], 0.4, label="uniformly random support (paper's)")
     if rows[0][1]["own"] is not None:
-        ax.plot(x, [row["own"] for _, row in rows], "k.", label="the layer's trained support")
+        ax.plot(x, [row["own"] for _, row in rows], "k.", label="the layer's own support (S's)")
     ax.set_xticks(x, [n.replace("blocks.", "").replace("attn.", "").replace("mlp.", "") for n, _ in rows],
                   rotation=90, fontsize=7)
     ax.set(ylabel="share of ||W - W_r||_F^2", title=f"{run}\ncaptured by a sparse matrix at delta = {delta:g}")
@@ -182,30 +208,55 @@ def plot(folder, run, rank, delta, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", required=True, help="a run folder train.py wrote (its ckpt.pt, or a sharded or "
-                   "consolidated checkpoint)")
-    p.add_argument("--rank", type=int, help="r of W_r (default: the run's --rank)")
-    p.add_argument("--delta", type=float, help="density of the sparse matrix (default: the run's --delta)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--out-dir", help="a run folder train.py wrote (its ckpt.pt, or a sharded or consolidated "
+                       "checkpoint): its trained weights")
+    which.add_argument("--init", nargs=2, metavar=("MODEL", "METHOD"), help="the step-0 model of `train.py --model "
+                       "MODEL --method METHOD` instead: built and initialised as train.py does, no checkpoint read")
+    p.add_argument("--init-seed", type=int, help="with --init: the run's --seed (default: 0)")
+    p.add_argument("--alpha", type=float, help="with --init: the run's --alpha (default: the size's)")
+    p.add_argument("--rank", type=int, help="r of W_r (default: the run's --rank; with --init, also the model's)")
+    p.add_argument("--delta", type=float, help="density of the sparse matrix (default: the run's --delta; with "
+                   "--init, also the model's)")
     p.add_argument("--seed", type=int, default=2**31 - 1, help="seed of the random supports, one generator for all "
                    "layers in order (default: 2**31 - 1; a layer's own seed, run seed * 100003 + k, would redraw its "
-                   "trained support)")
-    p.add_argument("--results", help="where the table and PNGs go (default: benchmarks/results/spectrum/<run>)")
+                   "own support)")
+    p.add_argument("--results", help="where the table and PNGs go (default: RUN/spectrum; --init needs it)")
     p.error = lambda message: p.exit(2, f"error: {message}\n")
     args = p.parse_args(argv)
+    if args.init is None and (args.alpha is not None or args.init_seed is not None):
+        p.error("--alpha and --init-seed describe the model --init builds; a run's model is its checkpoint's")
+    if args.init is not None:
+        size, method = args.init
+        if size not in CONFIGS:
+            p.error(f"--init {size}: the model must be one of {', '.join(CONFIGS)}")
+        if method not in METHODS:
+            p.error(f"--init {size} {method}: the method must be one of {', '.join(METHODS)}")
+        if args.results is None:
+            p.error("--init has no run folder to write into: name one with --results")
+    if args.rank is not None and args.rank < 1:
+        p.error(f"--rank {args.rank}: must be >= 1")
+    if args.delta is not None and not 0 <= args.delta < 1:
+        p.error(f"--delta {args.delta}: must be in [0, 1)")
     if importlib.util.find_spec("matplotlib") is None:  # checked before the work: the plots are the point
         p.exit(1, "error: matplotlib is not installed: pip install -r requirements-dev.txt (or pip install matplotlib)\n")
-    model = load_model(args.out_dir)  # exits with one `error:` line for a folder that holds no run
+    if args.init is None:
+        model = load_model(args.out_dir)  # exits with one `error:` line for a folder that holds no run
+        run = os.path.basename(os.path.normpath(args.out_dir))
+        folder = args.results or os.path.join(args.out_dir, "spectrum")
+    else:
+        cfg = CONFIGS[size]
+        model = step0_model(size, method, cfg.rank if args.rank is None else args.rank,
+                            cfg.delta if args.delta is None else args.delta,
+                            cfg.alpha if args.alpha is None else args.alpha, args.init_seed or 0)
+        run, folder = f"{size}-{method}-seed{args.init_seed or 0}-step0", args.results
     config = model.train_config
     rank = config["rank"] if args.rank is None else args.rank
     delta = config["delta"] if args.delta is None else args.delta
     smallest = min(min(layer.in_features, layer.out_features) for block in model.blocks
                    for layer in (block.get_submodule(n) for n in BLOCK_LINEARS))
-    if not 1 <= rank < smallest:
+    if not rank < smallest:
         p.error(f"--rank {rank}: must be in [1, {smallest - 1}], below the smallest layer's side, so W - W_r is not 0")
-    if not 0 <= delta < 1:
-        p.error(f"--delta {delta}: must be in [0, 1)")
-    run = os.path.basename(os.path.normpath(args.out_dir))
-    folder = args.results or os.path.join(ROOT, "benchmarks", "results", "spectrum", run)
     os.makedirs(folder, exist_ok=True)
     weights = block_weights(model)
     rows, generator = [], torch.Generator().manual_seed(args.seed)

@@ -42,7 +42,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from checkpoint import read_log  # noqa: E402  a torn or merged log line (a kill, two writers) is named and skipped
+from run.checkpoint import read_log  # noqa: E402  a torn or merged log line (a kill, two writers) is named and skipped
 METHODS = ("full", "lowrank", "sltrain")
 LADDER = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # log-spaced, two per decade
 LRS = LADDER[2:7]  # the sweep: 1e-4 ... 1e-2 (GaLore's range), one rung further while the best is at an edge
@@ -233,6 +233,36 @@ def collect(args, do_runs):
     return sweep, seeds, longer
 
 
+# the 95% CI of a small sample's mean, and how a paired difference reads (REFERENCE section 12)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
+
+
+def ci95(values):
+    """(mean, sd, low, high): the 95% CI of the mean, t with n - 1 degrees of freedom; sd and CI nan for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = T95[n - 1] * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+def verdict(low, high):
+    """How a difference's 95% CI reads: 'within noise' where it holds 0."""
+    if math.isnan(low):
+        return "one seed: no CI"
+    return "within noise" if low <= 0 <= high else ("lower" if high < 0 else "higher")
+
+
+def ci_text(values):
+    """'mean +- sd, 95% CI [low, high], <verdict>' of a paired difference (signed)."""
+    mean, sd, low, high = ci95(values)
+    if math.isnan(low):
+        return f"{mean:+.4f} ({verdict(low, high)})"
+    return f"{mean:+.4f} +- {sd:.4f}, 95% CI [{low:+.4f}, {high:+.4f}], {verdict(low, high)}"
+
+
 def mean_sd(vals):
     """(mean, sd) of the values, sd nan for one value; None when there are none or one diverged (inf)."""
     if not vals or not all(math.isfinite(v) for v in vals):
@@ -240,9 +270,27 @@ def mean_sd(vals):
     return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else math.nan
 
 
+def eval_named(records):
+    """What the evals of a run read, from its config record."""
+    config = next((r for r in records if r.get("type") == "config"), {})
+    if "eval_windows" not in config:
+        tokens = config.get("eval_tokens")
+        return (f"the first {tokens:,} tokens of the val split (the eval before windows were spread over the split)"
+                if tokens else "not recorded")
+    return (f"{config['eval_windows']} windows of {config['seq_len']} tokens spread over the whole val split "
+            f"({config['val_split_tokens']:,} tokens, {config['eval_share_read']:.0%} of it read)")
+
+
+def sweep_records(args):
+    """The records of one of the study's logs in --results (the first found), for what its evals read."""
+    names = sorted(n for n in os.listdir(args.results) if n.endswith(".jsonl")) if os.path.isdir(args.results) else []
+    return read_log(os.path.join(args.results, names[0])) if names else []
+
+
 def report(args, sweep, seeds, longer):
     lrs = sorted(set(LRS).union(*(sweep[m] for m in METHODS)))
-    lines = [f"lr sweep ({args.sweep_steps} steps, seed 0), final val loss (- = not run):", "",
+    lines = [f"Eval: {eval_named(sweep_records(args))}.", "",
+             f"lr sweep ({args.sweep_steps} steps, seed 0), final val loss (- = not run):", "",
              "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
     for m in METHODS:
         lines.append(f"| {m} | " + " | ".join(f"{sweep[m][lr]:.4f}" if lr in sweep[m] else "-" for lr in lrs) + " |")
@@ -258,11 +306,13 @@ def report(args, sweep, seeds, longer):
     closed = [(finals["lowrank"][s] - finals["sltrain"][s]) / (finals["lowrank"][s] - finals["full"][s]) for s in both]
     if closed and mean_sd(closed):
         lines += ["", f"gap closed by sltrain, (lowrank - sltrain) / (lowrank - full), seeds {', '.join(map(str, both))}: "
-                  f"{', '.join(f'{c:.2f}' for c in closed)}; mean {mean_sd(closed)[0]:.2f} +- {mean_sd(closed)[1]:.2f}"]
+                  f"{', '.join(f'{c:.2f}' for c in closed)}; mean {mean_sd(closed)[0]:.2f} +- {mean_sd(closed)[1]:.2f}"
+                  + ("" if len(closed) < 2 else f", 95% CI [{ci95(closed)[2]:.2f}, {ci95(closed)[3]:.2f}]")]
     pairs = [s for s in SEEDS if all(s in finals.get(m, {}) for m in ("full", "sltrain"))]
     if pairs:
-        lines += ["", f"sltrain - full, seeds {', '.join(map(str, pairs))}: " +
-                  ", ".join(f"{finals['sltrain'][s] - finals['full'][s]:+.4f}" for s in pairs)]
+        diffs = [finals['sltrain'][s] - finals['full'][s] for s in pairs]
+        lines += ["", f"sltrain - full, seeds {', '.join(map(str, pairs))}: " + ", ".join(f"{d:+.4f}" for d in diffs)
+                  + (f"; mean {ci_text(diffs)}" if all(math.isfinite(d) for d in diffs) else "")]
     if "full" in longer and "sltrain" in longer:
         at = {m: {r["step"]: r["val_loss"] for r in longer[m] if r["type"] == "eval"} for m in longer}
         low = at.get("lowrank", {})

@@ -231,6 +231,8 @@ def report(args, res, sizes):
         m = mean_sd(list(diffs.values()))
         lines.append(f"| {tokens / 1e6:.1f}M | mean | | | " + ("-" if not m else f"{m[0]:+.4f}" + (
             "" if math.isnan(m[1]) else f" +- {m[1]:.4f}") + f" ({len(diffs)} paired)") + " |")
+        if m and len(diffs) > 1:
+            lines.append(f"| {tokens / 1e6:.1f}M | 95% CI | | | {study.ci_text(list(diffs.values()))} |")
     if args.longer:
         a, b = res["longer"].get("sltrain lower lr", {}).get(0), res["longer"].get(DENSE, {}).get(0)
         lines += ["", f"the same at {args.longer * 4096 / 1e6:.1f}M tokens with sltrain one lr rung lower "

@@ -68,6 +68,32 @@ def is_val(key):
 
 
 # -----------------------------------------------------------------------------
+# writing a file so that a crash leaves the old content or the new, never a mix (checkpoints too)
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd), os.close(fd)
+
+
+def atomic_write(path, write, tmp=None):
+    """write(f) into tmp (a binary file; default path.tmp), then move it into place durably; returns what write
+    returned. A write that raises leaves no tmp behind (a kill does: run/checkpoint.remove_stale clears it at the
+    next start)."""
+    tmp = tmp or path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            result = write(f)
+            f.flush(), os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        os.path.exists(tmp) and os.remove(tmp)
+    fsync_dir(os.path.dirname(path) or ".")
+    return result
+
+
+
+# -----------------------------------------------------------------------------
 # the one writer every source goes through
 
 def write_tokens(docs, enc, f, split, max_tokens=None):
@@ -96,11 +122,9 @@ def write_tokens(docs, enc, f, split, max_tokens=None):
 
 def write_dataset(out_dir, enc, train_docs, val_docs, meta, train_tokens=None, val_tokens=None):
     """Write train.bin, val.bin, then meta.json (source fields in `meta` plus counts) to
-    out_dir. Every file is written to a temporary name and moved into place (checkpoint.atomic_write),
+    out_dir. Every file is written to a temporary name and moved into place (atomic_write),
     so a crash never leaves a half-written file under a real name."""
     assert enc.n_vocab <= 2 ** 16, "token ids must fit in uint16"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python data/prepare.py
-    from checkpoint import atomic_write  # the one atomic write, checkpoints' too
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):

@@ -15,8 +15,8 @@ import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
 
-import checkpoint  # noqa: E402
-import parallel  # noqa: E402
+from run import checkpoint  # noqa: E402
+from run import parallel  # noqa: E402
 import train  # noqa: E402
 
 args = train.get_args(sys.argv[1:])

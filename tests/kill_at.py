@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from data.loader import TokenData  # noqa: E402
+from run import session  # noqa: E402
 
 point, _, nth = os.environ.get("NANO_SLTRAIN_KILL_AT", "").partition(":")
 reached = 0
@@ -112,7 +113,7 @@ def signal_self(real):
 patch(torch, "save", save)
 patch(os, "replace", replace)
 patch(train, "train_step", signal_self)
-train.open = log_open  # train.py's own open() (its Log): a module global shadows the builtin
+session.open = log_open  # run/session.py's own open() (its Log): a module global shadows the builtin
 
 
 

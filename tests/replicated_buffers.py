@@ -5,7 +5,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import parallel
+from run import parallel
 from sltrain import SLLinear
 
 dist.init_process_group("gloo")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-import checkpoint
+from run import checkpoint
 import export
 import sample
 from run_script import ROOT, run_cases
@@ -183,7 +183,7 @@ def test_unwritable_targets_get_one_error_line(tiny_run, tmp_path):
 
 KILL = r"""
 import os, runpy, signal, sys
-import hf_tokenizer
+from run import hf_tokenizer
 points, flags = sys.argv[1].split(","), sys.argv[2:]
 real_write, real_rename, renames = hf_tokenizer.write_tokenizer, os.rename, []
 def die(*a, **k):

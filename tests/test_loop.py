@@ -14,8 +14,7 @@ import torch
 import train
 from data.loader import TokenData
 from model import CONFIGS, LLaMA
-from optim import AdamW8bit
-from per_layer import PerLayerOptimizer
+from optim import AdamW8bit, PerLayerOptimizer
 from sltrain import SLLinear, swap_linears
 
 SMALL = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "1024", "--log-every", "1"]

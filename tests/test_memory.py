@@ -16,12 +16,11 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import memory
-import parallel
 import sltrain
 import train
 from model import CONFIGS
-from per_layer import PerLayerOptimizer
+from optim import PerLayerOptimizer
+from run import memory, parallel
 from sltrain import SLLinear
 
 COMMON = ["--batch-size", "2", "--seq-len", "64", "--device", "cpu", "--grad-accum", "1"]

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from model import CONFIGS, LLaMA
-from codebook import Codebook, dynamic_code
-from optim import AdamW8bit, triton
-from per_layer import PerLayerOptimizer
+from optim import AdamW8bit, Codebook, PerLayerOptimizer, dynamic_code, kernels
 from sltrain import swap_linears
 
 
@@ -279,7 +277,7 @@ def test_state_is_under_2_04_bytes_per_param():
 
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
-    triton is None, reason="triton is not installed"))], ids=["pytorch", "triton"])
+    kernels is None, reason="triton is not installed"))], ids=["pytorch", "triton"])
 def test_nonfinite_gradient_skips_that_tensor_and_counts_it(use_triton, device):
     """The skip is a device flag folded into every write (no host sync per tensor), on both paths (the
     fused kernel runs through the interpreter on a CPU)."""
@@ -360,7 +358,7 @@ def test_state_dict_round_trip_and_resume():
         assert torch.equal(p, q)
 
 
-@pytest.mark.skipif(triton is None, reason="triton is not installed")
+@pytest.mark.skipif(kernels is None, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_update_matches_pytorch_path(dtype):
     """The fused kernel (through the interpreter on CPU) against the PyTorch path, 3 steps."""
@@ -395,7 +393,7 @@ def test_triton_update_matches_pytorch_path(dtype):
 
 
 @pytest.mark.parametrize("use_triton", [False, pytest.param(True, marks=pytest.mark.skipif(
-    triton is None, reason="triton is not installed"))], ids=["pytorch", "triton"])
+    kernels is None, reason="triton is not installed"))], ids=["pytorch", "triton"])
 def test_subnormal_v_absmax_matches_torch_adamw(use_triton):
     """A quantization group whose gradients are all ~1e-20: v ~ 1e-3 g^2 ~ 1e-43 and its absmax are subnormal fp32.
     IEEE sqrt and division keep them (sqrt(v) ~ 1e-21.5 >> eps = 1e-30, so each step moves a weight

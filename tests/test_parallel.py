@@ -20,9 +20,10 @@ COMMON = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "2048", "--log-
 
 
 def torchrun(*args, script="train.py", **env):
+    """2 gloo ranks of a script (a path in the repository) or a module (-m, e.g. run.checkpoint)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, script), *args]
+    target = [os.path.join(ROOT, script)] if script.endswith(".py") else ["-m", script]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
     return result
 
@@ -87,7 +88,7 @@ def test_fsdp_per_layer_matches_fsdp_and_resume_continues(data_dir, single, tmp_
     assert_close(losses(tmp_path)[0], losses(single)[0])  # FSDP2 matches one process (test above)
 
     # the sharded checkpoint gathers into one state dict equal to the single-process weights
-    merged = torchrun("--out-dir", str(tmp_path), "--device", "cpu", script="checkpoint.py")
+    merged = torchrun("--out-dir", str(tmp_path), "--device", "cpu", script="run.checkpoint")
     assert merged.returncode == 0, merged.stderr[-3000:]
     full = torch.load(tmp_path / "model.pt", weights_only=False)["model"]
     ref = torch.load(single / "ckpt.pt", weights_only=False)["model"]

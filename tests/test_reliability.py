@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import checkpoint
+from run import checkpoint
 import train
 from optim import AdamW8bit
 

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import memory
+from run import checkpoint
+from run import memory
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

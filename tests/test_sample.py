@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import torch
 
-import checkpoint
+from run import checkpoint
 import eval as eval_script
 import sample
 from conftest import TINY_RUN

@@ -1,8 +1,10 @@
 """benchmarks/spectrum.py: its measures against numpy float64 on matrices built with known singular values,
-and the script on real run folders, checked against a numpy re-densification of the checkpoint's factors."""
+the script on real run folders, checked against a numpy re-densification of the checkpoint's factors, and its
+step-0 model (--init) against train.py's own build and init, measured again in numpy float64."""
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -96,10 +98,68 @@ def test_script_on_a_run_folder(tiny_run, tmp_path, method):
             assert rows[name]["own"] != pytest.approx(rows[name]["random"])  # a support of its own draw
 
 
+def test_results_default_to_the_run_folder(tiny_run):
+    run, start = tiny_run("full"), time.time() - 1
+    spectrum.main(["--out-dir", run, "--rank", "8"])
+    for name in ("spectrum.md", "singular_values.png", "residual_hist.png", "sparse_capture.png"):
+        assert os.path.getmtime(os.path.join(run, "spectrum", name)) >= start
+    assert not os.path.exists(os.path.join(ROOT, "benchmarks", "results", "spectrum", os.path.basename(run)))
+    written = [os.path.join(folder, name) for folder, dirs, files in os.walk(ROOT)
+               if ".git" not in folder.split(os.sep) for name in files
+               if name in ("spectrum.md", "singular_values.png", "residual_hist.png", "sparse_capture.png")
+               and os.path.getmtime(os.path.join(folder, name)) >= start]
+    assert written == [], written  # nothing inside the repository
+
+
+def train_py_step0(method, seed):
+    """The model train.py starts from, by its own code: train.build_model (the run's build), materialised and
+    initialised as run/parallel.py's one-process path does (to_empty, init_weights(args.seed))."""
+    import train
+    args = train.get_args(["--model", "tiny", "--method", method, "--seed", str(seed), "--device", "cpu"])
+    model = train.build_model(args, spectrum.OFFLINE_VOCAB)
+    model.to_empty(device="cpu")
+    return model.init_weights(seed=args.seed)
+
+
+@pytest.mark.parametrize("method", ["full", "sltrain"])
+def test_step0_is_train_py_init_measured_in_float64(tmp_path, method):
+    rows = dict(spectrum.main(["--init", "tiny", method, "--init-seed", "1", "--results", str(tmp_path)]))
+    assert "Spectrum of tiny-" + method + "-seed1-step0 (" + method + "), r = 32, delta = 0.03" in (
+        tmp_path / "spectrum.md").read_text()  # tiny's defaults: r 32, delta 0.03
+    reference = train_py_step0(method, seed=1)
+    ours = spectrum.step0_model("tiny", method, 32, 0.03, 8.0, 1)
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
+    name = "blocks.2.mlp.w_down"
+    layer = reference.get_submodule(name)
+    if method == "sltrain":  # B = 0 at step 0: W is S alone, densified here in numpy
+        assert not layer.B.any()
+        W = np.zeros(layer.out_features * layer.in_features)
+        W[layer.indices.numpy()] = layer.values.detach().double().numpy()
+        W = W.reshape(layer.out_features, layer.in_features)
+    else:
+        W = layer.weight.detach().double().numpy()
+    U, s, Vt = np.linalg.svd(W, full_matrices=False)
+    R = (W - (U[:, :32] * s[:32]) @ Vt[:32]).flatten()
+    d = R - R.mean()
+    assert rows[name]["energy"] == pytest.approx((s[:32] ** 2).sum() / (s ** 2).sum(), rel=1e-9)
+    assert rows[name]["kurtosis"] == pytest.approx((d ** 4).mean() / (d ** 2).mean() ** 2 - 3, rel=1e-6)
+    nnz = int(0.03 * W.size)
+    assert rows[name]["top"] == pytest.approx(np.sort(R ** 2)[::-1][:nnz].sum() / (R ** 2).sum(), rel=1e-6)
+    if method == "sltrain":
+        own = layer.indices.numpy()
+        assert rows[name]["own"] == pytest.approx((R[own] ** 2).sum() / (R ** 2).sum(), rel=1e-6)
+        assert rows[name]["kurtosis"] > 10  # W = S at 3% density: heavy-tailed before any training
+
+
 def test_bad_input_gives_one_error_line(tmp_path, tiny_run):
     script = os.path.join(ROOT, "benchmarks", "spectrum.py")
     for argv in (["--out-dir", str(tmp_path / "missing")], ["--out-dir", str(tmp_path)],
-                 ["--out-dir", tiny_run("full"), "--rank", "128"]):
+                 ["--out-dir", tiny_run("full"), "--rank", "128"], ["--init", "tiny", "sltrain"],
+                 ["--init", "huge", "full", "--results", str(tmp_path)],
+                 ["--init", "tiny", "dense", "--results", str(tmp_path)],
+                 ["--out-dir", tiny_run("full"), "--init-seed", "1"]):
         result = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
         lines = result.stderr.strip().splitlines()

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import horizon  # noqa: E402
 import study  # noqa: E402
 import why_sparse  # noqa: E402
 
@@ -237,3 +238,42 @@ def test_footprint_is_the_papers_count():
     sltrain = 2 * 257 * 128 + 9 * 128 + 4 * (4 * 32 * 256 + 3 * 32 * 472) + nnz
     assert why_sparse.footprint("tiny-narrow", "full")[0] == dense and why_sparse.footprint("tiny", "sltrain")[0] == sltrain
     assert abs(dense / sltrain - 1) < 0.05
+
+
+# -----------------------------------------------------------------------------
+# benchmarks/horizon.py: confidence intervals, the train-batch loss, the lr bracket
+
+
+def test_ci95_is_the_t_interval_of_the_mean():
+    """mean +- t(0.975, n - 1) sd / sqrt(n) (REFERENCE: t = 4.30 for n = 3): the committed sltrain - tiny-narrow
+    differences at 9.8M tokens, -0.0166, -0.0695, -0.0628 (mean -0.0496, sd 0.0288), give about [-0.12, +0.02]."""
+    mean, sd, low, high = study.ci95([-0.0166, -0.0695, -0.0628])
+    assert mean == pytest.approx(-0.0496, abs=1e-4) and sd == pytest.approx(0.0288, abs=1e-4)
+    assert low == pytest.approx(-0.0496 - 4.303 * 0.0288 / math.sqrt(3), abs=2e-4) and low == pytest.approx(-0.12, abs=0.005)
+    assert high == pytest.approx(0.02, abs=0.005)
+    assert study.verdict(low, high) == "within noise"
+    assert study.verdict(*study.ci95([-0.10, -0.11, -0.12])[2:]) == "lower"  # |mean| > 2.48 sd: excludes 0
+    assert study.verdict(*study.ci95([0.5])[2:]) == "one seed: no CI"
+
+
+def test_train_batch_loss_is_the_mean_over_the_last_tenth_of_the_steps():
+    """Records of 20 steps logged every 5 (loss_mean: the interval's mean): the last 10% are steps 19-20, which
+    no record holds alone (None); logged every step, it is their mean."""
+    every = [dict(type="train", step=s, loss=s / 10, loss_mean=s / 10, steps_in_mean=1) for s in range(1, 21)]
+    assert horizon.train_batch_loss(every, 20) == pytest.approx((1.9 + 2.0) / 2)
+    fives = [dict(type="train", step=s, loss=0.0, loss_mean=float(s), steps_in_mean=5) for s in (5, 10, 15, 20)]
+    assert horizon.train_batch_loss(fives, 20) is None  # step 20's record covers steps 16-20, not 19-20
+    assert horizon.train_batch_loss(fives, 40) is None  # missing records
+    assert horizon.train_batch_loss(fives, 50) is None
+
+
+def test_horizon_brackets_the_400_step_best_without_failed_rungs(tmp_path, monkeypatch):
+    """The rungs either side of the committed sweep's best, less those more than 1 nat worse (failed to train)."""
+    for m, finals in SWEEP.items():
+        for lr, val in finals.items():
+            write(str(tmp_path), m, lr, 0, 400, 9.0 if lr == 3e-2 and m == "sltrain" else val)
+    monkeypatch.setattr(horizon, "SWEEPS", dict(tiny=str(tmp_path)))
+    args = horizon.get_args(["--results", str(tmp_path / "out")])
+    assert horizon.bracket(args, "tiny", "full") == (1e-3, [3e-4, 1e-3, 3e-3])
+    assert horizon.bracket(args, "tiny", "lowrank") == (3e-2, [1e-2, 3e-2])  # 1e-1 is nan: not a rung
+    assert horizon.bracket(args, "tiny", "sltrain") == (1e-2, [3e-3, 1e-2])  # 3e-2 failed (9.0 against 1.4)

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import memory
+from run import memory
 import train
 from data.loader import TokenData
 

@@ -1,13 +1,13 @@
 """
 Everything about a run's folder (--out-dir): writing checkpoints, reading them back, resuming exactly,
-and loading a finished run's model. train.py writes; sample.py, eval.py and export.py only read.
+and loading a finished run's model and tokenizer. train.py writes; sample.py, eval.py and export.py only read.
 
 A folder holds log.jsonl (one JSON record per line: the config first, then train/eval records) and
   ckpt.pt                           one process or DDP: {model, optimizer, step, config, build, data_meta, rng}
   latest-sharded -> sharded-<step>/rank<r>-of-<N>.pt   FSDP2: one such file per rank, its shards as DTensors
   model.pt                          a sharded checkpoint gathered into one file by:
-    torchrun --nproc_per_node=N checkpoint.py --out-dir RUN
-`build` rebuilds the model: the model config (model.py) and the SL settings (sltrain.py). Every file is
+    torchrun --nproc_per_node=N -m run.checkpoint --out-dir RUN      (from the repository's folder)
+`build` rebuilds the model (model.build_model): the model config (model.py) and the SL settings (sltrain.py). Every file is
 written to <name>.tmp, flushed to disk, renamed over <name> and the rename flushed (the directory): after a
 crash at any moment <name> holds the old content or the new. A sharded checkpoint's pointer is replaced
 only after every rank has written, and a killed run's leftovers (*.tmp, sharded folders the pointer does
@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-import parallel
-from model import LLaMA, ModelConfig, Rotary
-from sltrain import swap_linears
+from data.prepare import OfflineError, atomic_write, fsync_dir, get_encoding
+from model import Rotary, build_model
+from run import parallel
 
-# --resume continues a run exactly; these must equal the checkpoint's (config.RESUME_HELP)
+# --resume continues a run exactly; these must equal the checkpoint's (run/flags.RESUME_HELP)
 MODEL_KEYS = ("model", "method", "rank", "delta", "alpha", "vocab_size", "seq_len", "seed")
 RUN_KEYS = ("param_dtype", "dtype", "batch_size", "grad_accum", "world_size", "optimizer", "per_layer", "dist",
             "sparse_lr_ratio")
@@ -39,38 +39,8 @@ SAVED_BEFORE = dict(sparse_lr_ratio=1.0)  # what a checkpoint written before a k
 SCHEDULE_KEYS = ("lr", "max_steps", "warmup", "grad_clip")  # these may change: the schedule changes
 
 
-def build_model(model_config, sl, param_dtype="float32"):
-    """The model on the meta device (no memory): model.py's LLaMA with its block linears swapped for
-    sl["method"]'s layers (sltrain.swap_linears: method, rank, delta, alpha, seed), weights in param_dtype."""
-    with torch.device("meta"):
-        model = swap_linears(LLaMA(ModelConfig(**model_config)), **sl)
-    for p in model.parameters():  # parameters only: the RoPE tables stay fp32
-        p.data = p.data.to(getattr(torch, param_dtype))
-    return model
-
-
 # -----------------------------------------------------------------------------
 # writing
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd), os.close(fd)
-
-
-def atomic_write(path, write, tmp=None):
-    """write(f) into tmp (a binary file; default path.tmp), then move it into place durably; returns what write
-    returned. A write that raises leaves no tmp behind (a kill does: remove_stale clears it at the next start)."""
-    tmp = tmp or path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            result = write(f)
-            f.flush(), os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        os.path.exists(tmp) and os.remove(tmp)
-    fsync_dir(os.path.dirname(path) or ".")
-    return result
 
 
 def remove_stale(out_dir):
@@ -323,6 +293,15 @@ def load_model(out_dir, device="cpu"):
     return model.eval()
 
 
+def load_tokenizer(out_dir, config):
+    """The tiktoken encoding the run's data was prepared with."""
+    name = run_data_meta(out_dir, config)["tokenizer"]
+    try:
+        return get_encoding(name)
+    except (OfflineError, ValueError) as e:
+        sys.exit(f"error: the run's tokenizer {name!r} cannot be loaded: {e}")
+
+
 def run_data_meta(out_dir, config):
     """The meta.json of the data the run trained on (tokenizer, vocab_size, eot_token): log.jsonl's
     config record keeps a copy (data_meta), else the data folder's own file is read."""
@@ -340,7 +319,7 @@ def run_data_meta(out_dir, config):
 
 
 # -----------------------------------------------------------------------------
-# gathering a sharded checkpoint into one file: torchrun --nproc_per_node=N checkpoint.py --out-dir RUN
+# gathering a sharded checkpoint into one file: torchrun --nproc_per_node=N -m run.checkpoint --out-dir RUN
 
 
 def consolidate(out_dir, model, state):
@@ -367,7 +346,7 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.out_dir, "latest-sharded")):
         p.error(f"--out-dir {args.out_dir}: holds no sharded checkpoint (latest-sharded): nothing to gather")
     if "LOCAL_RANK" not in os.environ:
-        p.error("runs under torchrun, one rank per shard file: torchrun --nproc_per_node=N checkpoint.py --out-dir RUN")
+        p.error("runs under torchrun, one rank per shard file: torchrun --nproc_per_node=N -m run.checkpoint --out-dir RUN")
     run = argparse.Namespace(dist="fsdp", device=args.device, activation_checkpointing=False, compile=False, seed=0)
     parallel.setup(run)  # torchrun's process group, one rank per shard file (the weights are loaded below)
     path = sharded_path(args.out_dir)

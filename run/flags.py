@@ -1,8 +1,10 @@
 """
-train.py's flags: each size's recipe (RECIPES) and the checks every flag goes through.
+train.py's flags and the checks every flag goes through.
 
-A flag left out takes the size's recipe (the paper's for 60m-7b, ours for tiny), and a flag that cannot
-work stops the run with one `error:` line that names it and its rule, before anything is allocated.
+A flag left out takes the size's recipe (train.py's RECIPES: the paper's for 60m-7b, ours for tiny), and a
+flag that cannot work stops the run with one `error:` line that names it and its rule, before anything is
+allocated. Each rule is checked here once; the SL settings' rules live in sltrain.setting_errors, the
+per-layer ones in optim.per_layer_conflict.
 """
 import argparse
 import math
@@ -10,33 +12,18 @@ import os
 
 import torch
 
-import parallel
 from model import CONFIGS
-from sltrain import METHODS
+from optim import per_layer_conflict
+from run import parallel
+from sltrain import METHODS, setting_errors
 
-# the paper's recipe per size (steps, global batch in sequences of 256 tokens, eval
-# tokens, peak lr per method): 512 x 256 = 131,072 tokens per step for every size. `tiny` is ours,
-# sized so a 2-core CPU sees the loss fall within minutes: 16 x 256 = 4,096 tokens per step. Where each
-# lr comes from: docs/scaling.md.
-PAPER_LRS = dict(full=3e-3, lowrank=3e-3, sltrain=3e-3)
-RECIPES = {
-    "tiny": dict(steps=300, batch=16, eval_tokens=65_536, lr=dict(full=1e-3, lowrank=1e-2, sltrain=1e-2)),
-    # the dense model of tiny sltrain's size (model.py): full's lr from its own sweep (benchmarks/why_sparse.py;
-    # 400 steps, seed 0: 3e-3 best of 1e-4 ... 1e-2), tiny's for the others (untuned at this size)
-    "tiny-narrow": dict(steps=300, batch=16, eval_tokens=65_536, lr=dict(full=3e-3, lowrank=1e-2, sltrain=1e-2)),
-    "60m": dict(steps=11_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
-    "130m": dict(steps=22_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
-    "350m": dict(steps=65_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
-    "1b": dict(steps=140_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
-    "7b": dict(steps=150_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
-}
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "stdlib")
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "stdlib")
 RESUME_HELP = """
 --resume continues the checkpoint's run exactly. It is refused, listing every difference, when the model
 (--model --method --rank --delta --alpha --vocab-size --seq-len --seed), the numerics (--param-dtype --dtype),
 the batches (--batch-size --grad-accum, the number of ranks), the optimizer state (--optimizer --per-layer
---dist --sparse-lr-ratio) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup --grad-clip (a note
-says the schedule changes; left out, --lr is the run's own), --log-every --eval-every --eval-tokens
+--dist --sparse-lr-ratio) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup
+--grad-clip (a note says the schedule changes; left out, --lr is the run's own), --log-every --eval-every --eval-tokens
 --stop-at-step --activation-checkpointing --compile, the --data path (the same meta.json elsewhere is the
 same data) and --device (another kind of device continues the run, but not bit for bit: its kernels and random
 streams differ).
@@ -53,7 +40,7 @@ DESCRIPTION = """Pretrain a LLaMA whose block linears are SLTrain (sparse + low-
     torchrun --nproc_per_node=8 train.py --model 7b     # FSDP2; docs/scaling.md for larger runs
 
 Everything a run did goes to --out-dir: log.jsonl (config first, then one record per log/eval) and its
-checkpoint (checkpoint.py), written atomically at every eval and on Ctrl-C; --resume continues it exactly."""
+checkpoint (run/checkpoint.py), written atomically at every eval and on Ctrl-C; --resume continues it exactly."""
 AFTER_HELP = """
 After training: python sample.py --out-dir RUN (text), python eval.py --out-dir RUN (val loss),
 python export.py --out-dir RUN --hf-dir DIR (a Hugging Face LLaMA folder).
@@ -65,9 +52,9 @@ def devices():
     return ["cpu"] + ["cuda"] * torch.cuda.is_available() + [f"cuda:{n}" for n in range(torch.cuda.device_count())]
 
 
-def parse_args(argv=None):
+def parse_args(argv, recipes):
     """-> (parser, the flags as typed); validate() fills in the defaults and checks them."""
-    tiny = RECIPES["tiny"]
+    tiny = recipes["tiny"]
     p = argparse.ArgumentParser(description=DESCRIPTION, epilog=RESUME_HELP + AFTER_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=list(CONFIGS), help="model size (default: tiny)")
@@ -109,7 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="torch AdamW, or AdamW with 8-bit group-wise quantized moments (optim.py)")
     p.add_argument("--per-layer", action="store_true", help="step each parameter inside backward and free its "
-                   "gradient at once (per_layer.py); no full gradient buffer")
+                   "gradient at once (optim.PerLayerOptimizer); no full gradient buffer")
     p.add_argument("--dist", choices=["none", "ddp", "fsdp"], help="parallelism (default: none; under torchrun "
                    "ddp, or fsdp for 1b and 7b)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
@@ -121,13 +108,30 @@ def parse_args(argv=None):
     return p, p.parse_args(argv)
 
 
-def validate(p, args):
+def split_batch(args, batch, world):
+    """(--batch-size, --grad-accum, None) with world x batch-size x grad-accum = the recipe's global batch,
+    exactly: what was not given is filled in (micro-batches up to 64); or (.., .., why it cannot split)."""
+    size, accum = args.batch_size, args.grad_accum
+    given = size or accum or max((d for d in range(1, 65) if batch % (world * d) == 0), default=None)
+    if not (size and accum) and (given is None or batch % (world * given)):
+        a = accum or -(-batch // (world * (size or 64)))
+        s = size or -(-batch // (world * a))
+        return size, accum, (f"{f'--batch-size {size}: ' if size else f'--grad-accum {accum}: ' if accum else ''}the "
+                             f"{args.model} recipe's {batch} sequences per step do not split into {world} rank(s) x "
+                             f"--batch-size x --grad-accum: pass both, e.g. --batch-size {s} --grad-accum {a} "
+                             f"({world * s * a} sequences per step)")
+    if size and accum:
+        return size, accum, None
+    return (batch // (world * given), given, None) if accum else (given, batch // (world * given), None)
+
+
+def validate(p, args, recipes):
     """Fill in each default from the size's recipe and check every flag; a bad one exits with one line."""
 
     for name in INT_FLAGS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    cfg, recipe = CONFIGS[args.model], RECIPES[args.model]
+    cfg, recipe = CONFIGS[args.model], recipes[args.model]
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     world = args.gpus if args.dry_run and args.gpus else args.world_size  # a dry run plans for --gpus processes
     args.dist = args.dist or parallel.default_dist(world, args.model)
@@ -140,7 +144,9 @@ def validate(p, args):
     args.sparse_lr_ratio_given = args.sparse_lr_ratio is not None
     args.sparse_lr_ratio = 1.0 if args.sparse_lr_ratio is None else args.sparse_lr_ratio
     args.warmup = max(1, args.max_steps // 10) if args.warmup is None else args.warmup
-    args.batch_size, args.grad_accum = parallel.split_batch(p, args, recipe["batch"], world)
+    args.batch_size, args.grad_accum, error = split_batch(args, recipe["batch"], world)
+    if error:
+        p.error(error)
     args.eval_every = args.eval_every or max(1, args.max_steps // 10)
     args.eval_tokens = args.eval_tokens or recipe["eval_tokens"]
     args.dtype_given = args.dtype is not None  # a dry run on a CPU plans a GPU's bf16 unless told
@@ -148,11 +154,12 @@ def validate(p, args):
     args.out_dir = args.out_dir or os.path.join("out", f"{args.model}-{args.method}")
     args.gpus = args.gpus or world
     max_rank = min(cfg.dim, cfg.ffn_dim)  # every block linear is dim x dim, dim x ffn or ffn x dim
+    for name, value, rule in setting_errors(args.rank, args.delta, args.alpha, max_rank)[:1]:
+        detail = dict(rank=f" for --model {args.model}, its layers' smallest side (default: {cfg.rank})",
+                      delta=" (the paper's: 0.03)", alpha="")[name]
+        p.error(f"--{name} {value}: {rule}{detail}")
+    per_layer = per_layer_conflict(args.grad_clip, args.dist == "ddp") if args.per_layer else None
     for ok, flag, rule in (  # (holds?, the flag as typed, what a valid value is)
-            (1 <= args.rank <= max_rank, f"--rank {args.rank}", f"must be in [1, {max_rank}] for --model "
-             f"{args.model}, its layers' smallest side (default: {cfg.rank})"),
-            (0 <= args.delta < 1, f"--delta {args.delta}", "the sparse density must be in [0, 1) (the paper's: 0.03)"),
-            (0 < args.alpha < math.inf, f"--alpha {args.alpha}", "must be > 0 (scale = alpha / rank)"),
             (0 < args.lr < math.inf, f"--lr {args.lr}", "must be > 0"),
             (0 < args.sparse_lr_ratio < math.inf, f"--sparse-lr-ratio {args.sparse_lr_ratio}", "must be > 0"),
             (not args.sparse_lr_ratio_given or (args.method == "sltrain" and args.delta > 0),
@@ -164,16 +171,14 @@ def validate(p, args):
              f"--max-steps {args.max_steps}] (the run stops at --max-steps anyway)"),
             (0 <= args.seed < 2**32, f"--seed {args.seed}", "must be in [0, 2**32)"),
             (args.device in devices(), f"--device {args.device}", f"must be one of: {', '.join(devices())}"),
-            (not (args.per_layer and args.grad_clip > 0), "--grad-clip with --per-layer", "clipping needs the global "
-             "gradient norm, but --per-layer frees each gradient as soon as its parameter is updated: drop one"),
-            (not (args.per_layer and args.dist == "ddp"), "--per-layer under DDP", "its hooks fire before DDP's "
-             "gradient all-reduce (each rank would step on its own gradient): use --dist fsdp")):
+            (not per_layer, "--grad-clip with --per-layer" if args.grad_clip > 0 else "--per-layer under DDP",
+             f"{per_layer}: {'drop one' if args.grad_clip > 0 else 'use --dist fsdp'}")):
         if not ok:
             p.error(f"{flag}: {rule}")
     return args
 
 
-def get_args(argv=None):
-    return validate(*parse_args(argv))
+def get_args(argv, recipes):
+    return validate(*parse_args(argv, recipes), recipes)
 
 

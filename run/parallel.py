@@ -11,7 +11,7 @@ just before it runs and reduce-scatters its gradients (in fp32) right after. SLT
 values shard like any parameter; the support `indices` are buffers, so every rank holds all of
 them, drawn from the same per-layer seed.
 
-Checkpoints, sharded ones included, live in checkpoint.py; the memory plan in memory.py.
+Checkpoints, sharded ones included, live in run/checkpoint.py; the memory plan in run/memory.py.
 """
 import os
 import sys
@@ -31,21 +31,6 @@ def default_dist(world, model):
     """--dist when not given: none in one process; under torchrun DDP replicas for the sizes whose
     replica and AdamW states fit one GPU, FSDP2 shards for 1b and 7b."""
     return "none" if world == 1 else ("fsdp" if model in ("1b", "7b") else "ddp")
-
-
-def split_batch(p, args, batch, world):
-    """(--batch-size, --grad-accum) with world x batch-size x grad-accum = the recipe's global batch,
-    exactly: what was not given is filled in (micro-batches up to 64), or the run is refused."""
-    size, accum = args.batch_size, args.grad_accum
-    given = size or accum or max((d for d in range(1, 65) if batch % (world * d) == 0), default=None)
-    if not (size and accum) and (given is None or batch % (world * given)):
-        a = accum or -(-batch // (world * (size or 64)))
-        s = size or -(-batch // (world * a))
-        p.error(f"{f'--batch-size {size}: ' if size else f'--grad-accum {accum}: ' if accum else ''}the {args.model} "
-                f"recipe's {batch} sequences per step do not split into {world} rank(s) x --batch-size x --grad-accum:"
-                f" pass both, e.g. --batch-size {s} --grad-accum {a} ({world * s * a} sequences per step)")
-    return (size, accum) if size and accum else (batch // (world * given), given) if accum else \
-        (given, batch // (world * given))
 
 
 def setup(args):

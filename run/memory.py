@@ -12,6 +12,7 @@ Two counts, for two questions:
 tests/test_memory.py checks every line of the plan against the tensors a real CPU run allocates.
 """
 import copy
+import json
 import os
 
 import torch
@@ -146,7 +147,7 @@ def memory_plan(args, model):
 
 def memory_report(args, model, build, recipe_tokens, recipe_lr):
     """Print the plan for this run, and the model states of the setups the paper compares at 7b with
-    this run's other flags; build(method) -> meta model; recipe_*: the size's recipe (config.RECIPES).
+    this run's other flags; build(method) -> meta model; recipe_*: the size's recipe (train.RECIPES).
     Returns both, in GB, for the JSON line."""
     tokens = args.gpus * args.batch_size * args.grad_accum * args.seq_len
     print(f"tokens per step: {tokens:,} = {args.gpus} GPU(s) x {args.batch_size} sequences x {args.grad_accum} "
@@ -203,3 +204,34 @@ def check_memory(args, model):
     return (f"this run plans {need}, and {free / 1e9:.1f} GB is {where}: lower it with --batch-size (and "
             f"--grad-accum to keep the step), --seq-len, --activation-checkpointing, --param-dtype bfloat16 or "
             f"--per-layer (--dry-run shows each line), or pass --no-memory-check to start anyway")
+
+
+# -----------------------------------------------------------------------------
+# train.py --dry-run
+
+
+def dry_run(args, build_model, recipe):
+    """train.py --dry-run: the parameter count, the paper's estimate and this run's plan; build_model(args,
+    vocab) -> the meta model, recipe: the size's (train.RECIPES)."""
+    vocab = args.vocab_size
+    if vocab is None:
+        meta_path = os.path.join(args.data, "meta.json")
+        vocab = json.load(open(meta_path))["vocab_size"] if os.path.exists(meta_path) else 32000
+    model = build_model(args, vocab)
+    est = paper_estimate(model)
+    gpu_default = args.device == "cpu" and not args.dtype_given  # a plan for the GPUs the run is meant for
+    compute = (f"{args.dtype} compute planned (a GPU run's default; on cpu this run computes in float32)"
+               if gpu_default else f"{args.dtype} compute on {args.device}")
+    print(f"model {args.model} | method {args.method} | rank {args.rank} delta {args.delta} alpha {args.alpha} "
+          f"| vocab {vocab} | {compute}")
+    print(f"parameters: {est['params_total'] / 1e6:.2f}M total, {est['params_trainable'] / 1e6:.2f}M trainable, "
+          f"{est['support_nnz'] / 1e6:.2f}M sparse nonzeros")
+    print(f"estimated memory (paper's count: bf16 weights + bf16 Adam moments + int64 indices): "
+          f"{est['est_memory_gb']:.2f} GB")
+    plan = memory_report(args, model, lambda method: build_model(replace_args(args, method=method), vocab),
+                         recipe["batch"] * 256, recipe["lr"][args.method])
+    print(json.dumps(dict(model=args.model, method=args.method, vocab_size=vocab, gpus=args.gpus, **est, **plan)))
+
+
+def replace_args(args, **changes):
+    return type(args)(**{**vars(args), **changes})
