@@ -163,8 +163,8 @@ def main(argv=None):
     sync(args.device)
     seconds = time.perf_counter() - t0
     text = enc.decode(out[0].tolist())
-    print(text)
-    print(f"--- {args.max_new_tokens} tokens in {seconds:.2f} s: {args.max_new_tokens / seconds:,.0f} tokens/s "
+    print(text, flush=True)  # all of it out before the stats line (stderr is unbuffered, stdout is not)
+    print(f"\n--- {args.max_new_tokens} tokens in {seconds:.2f} s: {args.max_new_tokens / seconds:,.0f} tokens/s "
           f"({decode} decode, {args.device}, {model.checkpoint})", file=sys.stderr)
     return text
 

@@ -13,6 +13,7 @@ run/, which you need not read to understand SLTrain. Ctrl-C (or SIGTERM) finishe
 saves a checkpoint; --resume continues exactly.
 """
 import math
+import os
 import signal
 import sys
 from dataclasses import asdict, replace
@@ -44,6 +45,8 @@ RECIPES = {
     "1b": dict(steps=140_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
     "7b": dict(steps=150_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
 }
+TABLE_VOCAB = dict(tiny=257, **{"tiny-narrow": 257})  # the README's parameter counts: the offline data's vocabulary
+PAPER_VOCAB = 32000  # for the paper's sizes, the paper's (its LLaMA/T5 tokenizer)
 DEFAULT_DATA = flags.DEFAULT_DATA
 
 
@@ -172,33 +175,48 @@ def part_norms(model):
 # the loop
 
 
+def parameters(args, meta_model):
+    """'11.03M parameters (11.03M trainable)', and at which vocabulary when the README's table counts at another."""
+    est = memory.paper_estimate(meta_model)
+    text = f"{est['params_total'] / 1e6:.2f}M parameters ({est['params_trainable'] / 1e6:.2f}M trainable)"
+    table_vocab = TABLE_VOCAB.get(args.model, PAPER_VOCAB)
+    if args.vocab_size == table_vocab:
+        return f"{text}, vocab {args.vocab_size}"
+    at_table = memory.paper_estimate(build_model(args, table_vocab))["params_total"]
+    return (f"{text} at the data's vocabulary of {args.vocab_size} ({at_table / 1e6:.2f}M at the {table_vocab} the "
+            f"README's table counts with)")
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.dry_run:
         return memory.dry_run(args, build_model, RECIPES[args.model])
     rank, world = parallel.setup(args)
     say = print if rank == 0 else (lambda *a, **k: None)
-    parallel.exit_together(session.claim_out_dir(args, rank), args.device)
+    created = not os.path.exists(args.out_dir)
+    parallel.exit_together(session.claim_out_dir(args, rank), args.device)  # one run per folder
     torch.manual_seed(args.seed)
-    # data
-    meta, train_data, val_data, error = load_data(args, rank, DEFAULT_DATA)
-    if error is None and (args.vocab_size or meta["vocab_size"]) < meta["vocab_size"]:
-        error = (f"--vocab-size {args.vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']}): leave it "
-                 f"out, or pass at least {meta['vocab_size']}")
-    args.vocab_size = args.vocab_size or (meta or {}).get("vocab_size")
-    # model: built on the meta device, checked against the free memory, then materialised (and wrapped for --dist)
-    meta_model = build_model(args, args.vocab_size) if error is None else None
-    if error is None and not args.no_memory_check:
-        error = memory.check_memory(args, meta_model)
-    parallel.exit_together(error, args.device)  # some ranks may fail alone: all exit, none hangs
-    model, raw_model = parallel.parallelize(meta_model, args, lambda: build_model(args, args.vocab_size))
-    est = memory.paper_estimate(raw_model)
-    say(f"{args.model} {args.method}: {est['params_total'] / 1e6:.2f}M parameters ({est['params_trainable'] / 1e6:.2f}"
-        f"M trainable), {args.vocab_size} vocab | {args.device}{'' if world == 1 else f' x {world} ranks ({args.dist})'}"
-        f" | {args.param_dtype} weights, {args.dtype} compute | {args.optimizer}{' per-layer' * args.per_layer}")
-    # optimizer, and the checkpoint to continue (--resume) with the log
-    optimizer = build_optimizer(raw_model, args)
-    step, log = session.start(args, raw_model, optimizer, meta, val_data, rank, world, say, argv)
+    with session.refusals_leave_no_folder(args, rank, created):  # a start refused below leaves no new folder
+        # data
+        meta, train_data, val_data, error = load_data(args, rank, DEFAULT_DATA)
+        if error is None and (args.vocab_size or meta["vocab_size"]) < meta["vocab_size"]:
+            error = (f"--vocab-size {args.vocab_size} is smaller than the data's vocabulary ({meta['vocab_size']}): "
+                     f"leave it out, or pass at least {meta['vocab_size']}")
+        args.vocab_size = args.vocab_size or (meta or {}).get("vocab_size")
+        # model: built on the meta device, checked against the free memory, then materialised (and wrapped for --dist)
+        meta_model = build_model(args, args.vocab_size) if error is None else None
+        if error is None and not args.no_memory_check:
+            error = memory.check_memory(args, meta_model)
+        parallel.exit_together(error, args.device)  # some ranks may fail alone: all exit, none hangs
+        say(f"{args.model} {args.method}: {parameters(args, meta_model)} | {args.device}"
+            f"{'' if world == 1 else f' x {world} ranks ({args.dist})'} | {args.param_dtype} weights, {args.dtype} "
+            f"compute | {args.optimizer}{' per-layer' * args.per_layer}")
+        session.cpu_note(args, meta_model, world, say)  # a GPU-sized recipe on a CPU: how long a step will take
+        model, raw_model = parallel.parallelize(meta_model, args, lambda: build_model(args, args.vocab_size))
+        # optimizer, and the checkpoint to continue (--resume) with the log
+        optimizer = build_optimizer(raw_model, args)
+        step, log = session.start(args, raw_model, optimizer, meta, val_data, rank, world, say, argv)
+    # the loop
     compute = autocast(args.device, getattr(torch, args.dtype))
     batches = train_data.batches(step, args.grad_accum, args.batch_size, args.seq_len, args.seed, args.device,
                                  rank, world)

@@ -25,6 +25,11 @@ from optim import MIN_8BIT_SIZE, fp32_state_params, state_bytes
 GB = 1e9
 
 
+def size(n_bytes):
+    """Bytes in the unit a person reads: MB below 1 GB (the tiny model's 2.61 MB, not 0.00 GB), else GB."""
+    return f"{n_bytes / 1e6:.2f} MB" if n_bytes < GB else f"{n_bytes / GB:.2f} GB"
+
+
 # -----------------------------------------------------------------------------
 # the paper's count
 
@@ -34,8 +39,9 @@ def paper_estimate(model):
     Adam moments per trainable parameter (4 B) and int64 support indices (8 B per nonzero)."""
     total, trainable = count_params(model)
     nnz = sum(m.nnz for m in model.modules() if isinstance(m, sltrain.SLLinear))
-    return dict(params_total=total, params_trainable=trainable, support_nnz=nnz,
-                est_memory_gb=round((2 * total + 4 * trainable + 8 * nnz) / GB, 4))
+    n_bytes = 2 * total + 4 * trainable + 8 * nnz
+    return dict(params_total=total, params_trainable=trainable, support_nnz=nnz, est_memory_bytes=n_bytes,
+                est_memory_gb=round(n_bytes / GB, 4))
 
 
 # -----------------------------------------------------------------------------
@@ -165,18 +171,20 @@ def memory_report(args, model, build, recipe_tokens, recipe_lr):
                  "and DDP's all-reduce buckets" if args.dist == "ddp" else "",
                  buffers="support indices and RoPE tables", support_layout="the kernels' (Triton route, GPU)",
                  activations="saved for backward, and the logits", recompute="one block recomputed in backward")
+    notes["total"] = "this run's plan: what the memory check compares with the free memory"
     for name, b in plan.items():
-        print(f"  {name:<16} {b / GB:8.2f} GB  {notes.get(name, '')}")
+        print(f"  {name:<16} {size(b):>10}  {notes.get(name, '')}")
     setups, layouts = {}, builds_layouts(args, build("sltrain"))  # the layouts of sltrain's layers
     for label, method, optimizer, per_layer in (("full + AdamW", "full", "adamw", False),
                                                 ("sltrain + AdamW8bit", "sltrain", "adamw8bit", False),
                                                 ("sltrain + AdamW8bit + per-layer", "sltrain", "adamw8bit", True)):
         states = model_state_bytes(build(method), optimizer, per_layer, args.grad_accum, args.dist, args.gpus, layouts)
-        setups[label] = round(sum(states.values()) / GB, 2)
+        setups[label] = sum(states.values())
     print("\nmodel states per GPU (weights, gradients, optimizer state, buffers) of the paper's 7b comparison, "
           "with this run's dtype, micro-steps and GPUs:")
-    for label, gb in setups.items():
-        print(f"  {label:<36} {gb:8.2f} GB")
+    for label, b in setups.items():
+        print(f"  {label:<36} {size(b):>10}")
+    setups = {label: round(b / GB, 2) for label, b in setups.items()}
     return dict(tokens_per_step=tokens, memory_plan_gb={k: round(v / GB, 3) for k, v in plan.items()},
                 model_states_gb=setups)
 
@@ -226,8 +234,8 @@ def dry_run(args, build_model, recipe):
           f"| vocab {vocab} | {compute}")
     print(f"parameters: {est['params_total'] / 1e6:.2f}M total, {est['params_trainable'] / 1e6:.2f}M trainable, "
           f"{est['support_nnz'] / 1e6:.2f}M sparse nonzeros")
-    print(f"estimated memory (paper's count: bf16 weights + bf16 Adam moments + int64 indices): "
-          f"{est['est_memory_gb']:.2f} GB")
+    print(f"the paper's memory estimate (bf16 weights + bf16 Adam moments + int64 indices; the README table's): "
+          f"{size(est['est_memory_bytes'])}")
     plan = memory_report(args, model, lambda method: build_model(replace_args(args, method=method), vocab),
                          recipe["batch"] * 256, recipe["lr"][args.method])
     print(json.dumps(dict(model=args.model, method=args.method, vocab_size=vocab, gpus=args.gpus, **est, **plan)))

@@ -3,11 +3,13 @@ The run around train.py's loop. You need none of this to understand SLTrain: it 
 run per folder), opens or resumes the log, times the steps, prints the log lines, turns Ctrl-C or SIGTERM
 into "finish this step, save, exit", and prints the closing lines.
 """
+import contextlib
 import json
 import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +39,41 @@ def claim_out_dir(args, rank):
         error = (f"{args.out_dir} already holds a run with a checkpoint: continue it with --resume, or use another "
                  f"--out-dir (or delete it) to start over.")
     return error
+
+
+@contextlib.contextmanager
+def refusals_leave_no_folder(args, rank, created):
+    """A start refused inside the block (data, memory, a checkpoint that would not resume: a SystemExit on
+    every rank) removes --out-dir again when this run created it (`created`) and it holds nothing but the lock."""
+    try:
+        yield
+    except SystemExit:
+        if created and rank == 0 and set(os.listdir(args.out_dir)) <= {".lock"}:
+            checkpoint.unlock()
+            shutil.rmtree(args.out_dir, ignore_errors=True)
+        raise
+
+
+def cpu_note(args, model, world, say):
+    """On a CPU, one `note:` line when a step will take more than about a minute: its FLOPs (6 per weight and
+    token, forward and backward, every block linear counted dense as the dense route computes it, plus
+    attention's 12 x layers x seq-len x dim) over this machine's fp32 matmul rate, measured for ~0.2 s."""
+    if not args.device.startswith("cpu"):
+        return
+    weights = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "in_features"))
+    cfg = model.cfg
+    flops = (6 * weights + 12 * cfg.n_layers * args.seq_len * cfg.dim) * args.batch_size * args.grad_accum * args.seq_len
+    a = torch.randn(512, 512)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.2:
+        a @ a
+        n += 1
+    rate = n * 2 * 512 ** 3 / (time.perf_counter() - t0)  # FLOP/s
+    seconds = flops / rate
+    if seconds > 60:
+        say(f"note: one step of --model {args.model} on this CPU takes about {seconds / 60:.0f} min ({flops / 1e12:.1f} "
+            f"TFLOP at the {rate / 1e9:.0f} GFLOP/s a matmul measured here): the recipes from 60m up are sized for "
+            f"GPUs; on a CPU, --model tiny trains in minutes")
 
 
 def start(args, raw_model, optimizer, meta, val, rank, world, say, argv=None):
@@ -113,9 +150,15 @@ class Clock:
 
 
 def peak_memory_gb(device):
+    """Peak memory: on a GPU what tensors held (allocated), on a CPU the process's resident set."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KB -> GB (process RSS)
+
+
+def peak_reserved_gb(device):
+    """On a GPU, the peak the caching allocator reserved (what mem_get_info sees as used); None on a CPU."""
+    return torch.cuda.max_memory_reserved() / 1e9 if device.startswith("cuda") else None
 
 
 def log_step(step, loss, lr, optimizer, clock, args, log, say):
@@ -125,8 +168,10 @@ def log_step(step, loss, lr, optimizer, clock, args, log, say):
     skipped = getattr(optimizer, "skipped", 0)  # AdamW8bit: tensor updates skipped for NaN/Inf gradients
     say(f"step {step:>6}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s | "
         f"peak mem {mem:.2f} GB | eta {eta / 60:.1f} min" + (f" | skipped {skipped}" if skipped else ""))
+    reserved = peak_reserved_gb(args.device)
     log.record(type="train", step=step, loss=loss, loss_mean=losses / steps, steps_in_mean=steps, lr=lr,
-               tokens_per_s=tok_s, peak_mem_gb=mem, skipped_updates=skipped, elapsed_s=time.time() - clock.start)
+               tokens_per_s=tok_s, peak_mem_gb=mem, **({} if reserved is None else {"peak_reserved_gb": reserved}),
+               skipped_updates=skipped, elapsed_s=time.time() - clock.start)
     clock.interval = [0.0, 0, 0, 0.0]
 
 
@@ -185,10 +230,11 @@ def finish(args, step, signum, clock, log, say):
     log.close()
     evals = log.evals
     best = min(evals, key=lambda e: e[1]) if evals else None
+    last = "" if not evals else (f", final val loss {evals[-1][1]:.4f}" if evals[-1][0] == step else
+                                 f", last val loss {evals[-1][1]:.4f} (at step {evals[-1][0]})")
     say(f"done: {clock.steps} steps (to step {step} of {args.max_steps}), {clock.tokens:,} tokens, "
-        f"{(time.time() - clock.start) / 60:.1f} min" + (f", final val loss {evals[-1][1]:.4f}, best {best[1]:.4f} "
-                                                          f"(step {best[0]})" if evals else "") +
-        f"; checkpoint: {checkpoint.checkpoint_path(args)}")
+        f"{(time.time() - clock.start) / 60:.1f} min" + (f"{last}, best {best[1]:.4f} (step {best[0]})" if evals else "")
+        + f"; checkpoint: {checkpoint.checkpoint_path(args)}")
     checkpoint.unlock()
     if signum:
         say(f"interrupted at step {step}: checkpoint saved; continue with --resume")

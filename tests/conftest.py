@@ -12,6 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests that take the `device` fixture are the ones a GPU runs on the GPU: marked `gpu`, so
+    `pytest -m gpu` (benchmarks/gpu_check.py) selects them and nothing CPU-only."""
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.gpu)
+
+
 @pytest.fixture(scope="session")
 def device():
     """Where tests put models and tensors: "cuda" on a GPU machine (Triton kernels compiled), else

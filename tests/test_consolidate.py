@@ -1,4 +1,4 @@
-"""checkpoint.consolidate (python checkpoint.py) under torchrun, 2 CPU ranks (gloo), against the shards
+"""checkpoint.consolidate (python -m run.checkpoint) under torchrun, 2 CPU ranks (gloo), against the shards
 themselves: model.pt is every rank's local shard put back together, and only rank 0 holds the model
 (tests/consolidate_probe.py records the full tensors each rank holds)."""
 import json
@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # a torchrun spawn: not in the one-minute check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--model", "tiny", "--vocab-size", "257", "--seq-len", "64", "--dist", "fsdp", "--device", "cpu"]

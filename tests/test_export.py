@@ -22,6 +22,8 @@ from run_script import ROOT, run_cases
 from sltrain import METHODS
 
 
+pytestmark = pytest.mark.slow  # end-to-end: a run exported, loaded by transformers: not in the one-minute check
+
 @pytest.mark.parametrize("method", METHODS)
 def test_transformers_gives_our_logits(tiny_run, tmp_path, method):
     run = tiny_run(method)

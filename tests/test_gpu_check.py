@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import gpu_check  # noqa: E402
 
 
+pytestmark = pytest.mark.slow  # the check's parts as subprocesses: not in the one-minute check
+
 def test_without_a_gpu_it_writes_the_environment_and_says_so_in_one_line(tmp_path):
     """Hidden from CUDA (any machine): the environment section under $OUT, one line on stderr, exit 1, no traceback."""
     env = {**os.environ, "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
@@ -136,6 +138,7 @@ def on_a_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(gpu_check, "RESULTS", str(tmp_path))
     monkeypatch.delenv("OUT", raising=False)  # set on a lent GPU machine: the tests say where the report goes
+    monkeypatch.setattr(gpu_check, "START", gpu_check.clock())  # the deadline counts from this check, not the import
     return tmp_path
 
 

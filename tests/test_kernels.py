@@ -100,7 +100,7 @@ def test_fp32_matches_fp64_oracle(device, x_shape, n_out, rank, delta, tiles):
 AUTO_SHAPES = {"1b gate/up": (64, 171, 16, 0.03), "7b down": (172, 64, 16, 0.05)}
 
 
-@pytest.mark.parametrize("T", [1, 7, 64, 200, 800])
+@pytest.mark.parametrize("T", [1, 7, 64, 200, pytest.param(800, marks=pytest.mark.slow)])  # 800: seconds a case
 @pytest.mark.parametrize("shape", AUTO_SHAPES)
 def test_auto_route_shapes_match_fp64_oracle(device, shape, T):
     n_in, n_out, rank, delta = AUTO_SHAPES[shape]
@@ -271,6 +271,7 @@ except RuntimeError as e:
 """
 
 
+@pytest.mark.slow  # a fresh Python per case
 @pytest.mark.parametrize("route,hide_triton,found", [
     ("triton", False, "SLLinearTritonBackward"),  # found by sltrain itself: nobody imported kernels
     ("auto", False, "SLLinearFunctionBackward"),  # CPU tensors: dense, and kernels never imported

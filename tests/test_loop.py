@@ -70,6 +70,7 @@ def total_norm(grads):
     return math.sqrt(sum(g.double().pow(2).sum().item() for g in grads.values()))
 
 
+@pytest.mark.slow  # train.py runs
 @pytest.mark.parametrize("batch,accum", [(4, 1), (2, 2), (1, 4)])
 def test_accumulated_gradient_is_the_full_batch_gradient(monkeypatch, data_dir, tmp_path, device, batch, accum):
     """K micro-batches of B sequences give the gradient of one batch of K*B (a mean, not a sum)."""
@@ -83,6 +84,7 @@ def test_accumulated_gradient_is_the_full_batch_gradient(monkeypatch, data_dir, 
     assert [r["loss"] for r in logged if r["type"] == "train"] == pytest.approx([seen["loss"]], rel=1e-5)
 
 
+@pytest.mark.slow  # train.py runs
 @pytest.mark.parametrize("clip", [0.05, 1e3])
 def test_gradient_reaching_the_optimizer_is_clipped(monkeypatch, data_dir, tmp_path, device, clip):
     """--grad-clip c: the step sees g * min(1, c / |g|), with |g| the global norm of the full batch."""
@@ -118,6 +120,7 @@ def test_lr_schedule_closed_form():
     assert all(train.lr_at(s, args) >= 0.1 * lr * (1 - 1e-12) for s in range(W, M + 1))  # after warmup
 
 
+@pytest.mark.slow  # a training run
 def test_logged_lr_follows_the_schedule(data_dir, tmp_path):
     train.main(SMALL + ["--data", data_dir, "--out-dir", str(tmp_path), "--batch-size", "1", "--max-steps", "6",
                         "--warmup", "2", "--lr", "1e-3", "--eval-every", "6"])
@@ -329,6 +332,7 @@ def markov_batch(generator, vocab=257, batch=16, seq=33):
     return torch.stack(rows, 1)
 
 
+@pytest.mark.slow  # a training run
 @pytest.mark.parametrize("method", ["lowrank", "sltrain"])
 def test_the_block_factors_alone_lower_the_loss(method):
     """Embeddings, lm_head and norms frozen: only A, B and the sparse values can lower the loss. A
@@ -354,6 +358,7 @@ def test_the_block_factors_alone_lower_the_loss(method):
     assert last < first - 1.0, (first, last)  # measured: 5.57 -> ~3.3 (lowrank) / ~3.6 (sltrain)
 
 
+@pytest.mark.slow  # two training runs
 def test_bf16_weights_learn_like_fp32_weights(data_dir, tmp_path):
     """--param-dtype bfloat16 at lr 1e-3 for 200 steps: the RMSNorm gains (1.0 at init, where half a
     bf16 ulp is 2e-3 down and 4e-3 up) move, and the final val loss is within 2% of fp32 weights'.

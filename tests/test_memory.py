@@ -23,6 +23,8 @@ from optim import PerLayerOptimizer
 from run import memory, parallel
 from sltrain import SLLinear
 
+pytestmark = pytest.mark.slow  # real runs measured against the plan: not in the one-minute check
+
 COMMON = ["--batch-size", "2", "--seq-len", "64", "--device", "cpu", "--grad-accum", "1"]
 SETTINGS = {  # each changes what one GPU holds
     "fp32 AdamW": [],

@@ -153,7 +153,8 @@ def reference_logits(model, idx):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_forward_matches_a_float64_llama_written_out(method):
+def test_forward_matches_a_float64_llama_written_out(method, device):
+    """The model on the test device (a GPU where there is one) against the float64 reference on the CPU."""
     model = build("tiny", method, vocab=97, device="cpu", max_seq_len=24)
     with torch.no_grad():  # nonzero B and non-unit norm gains, so every term counts
         for name, p in model.named_parameters():
@@ -161,8 +162,8 @@ def test_forward_matches_a_float64_llama_written_out(method):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
     idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits, _ = model(idx)
-    torch.testing.assert_close(logits.double(), reference_logits(model, idx), rtol=1e-4, atol=1e-5)
+        logits, _ = model.to(device)(idx.to(device))
+    torch.testing.assert_close(logits.double().cpu(), reference_logits(model.cpu(), idx), rtol=1e-4, atol=1e-5)
 
 
 def test_loss_is_cross_entropy_and_init_matches_paper():

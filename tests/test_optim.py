@@ -420,6 +420,7 @@ def test_subnormal_v_absmax_matches_torch_adamw(use_triton):
             assert rel(moved, want) < 0.05
 
 
+@pytest.mark.slow  # an ahead-of-time GPU compile in a subprocess
 def test_fused_kernel_compiles_to_ieee_sqrt_and_division():
     """Compiled for sm_90 (ahead of time, no GPU needed), the update uses round-to-nearest sqrt and
     division, the IEEE math of the interpreter and the PyTorch path, not the approximate PTX forms."""
@@ -604,6 +605,7 @@ def train_tiny(kind, tokens, steps=60, batch=8, seq=32, lr=3e-3):
         return model(val_tokens[:-1].view(-1, seq), val_tokens[1:].view(-1, seq))[1].item()
 
 
+@pytest.mark.slow  # two tiny models trained for minutes
 def test_tiny_model_val_loss_adamw_vs_adamw8bit():
     """300 steps of the tiny model: 8-bit AdamW (per-layer, itself bitwise the global step, tested above)
     against torch's fp32 AdamW. The published result (Dettmers et al., 8-bit optimizers via block-wise

@@ -12,6 +12,8 @@ import torch
 
 import train
 
+pytestmark = pytest.mark.slow  # torchrun spawns (2 gloo ranks): not in the one-minute check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # gloo on the CPU on every machine: a one-GPU machine cannot host two NCCL ranks. lr 3e-3: the tolerances
 # below were set at it (tiny's default became 1e-2 later; the larger lr grows the rounding differences faster)

@@ -18,6 +18,8 @@ from run import checkpoint
 import train
 from optim import AdamW8bit
 
+pytestmark = pytest.mark.slow  # kills, resumes and torchrun spawns of real runs: not in the one-minute check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_AT = os.path.join(ROOT, "tests", "kill_at.py")
 # On the CPU on every machine: runs are compared record by record, bit for bit (a GPU's atomics reorder float

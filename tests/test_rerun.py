@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from run_script import run_cases
+
+pytestmark = pytest.mark.slow  # end-to-end: a run trained again: not in the one-minute check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RERUN = os.path.join(ROOT, "benchmarks", "rerun.py")

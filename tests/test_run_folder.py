@@ -16,6 +16,8 @@ from run import checkpoint
 from run import memory
 import train
 
+pytestmark = pytest.mark.slow  # real scripts in subprocesses, signals, torchrun: not in the one-minute check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KILL_AT = os.path.join(ROOT, "tests", "kill_at.py")
 FLAGS = ["--model", "tiny", "--batch-size", "4", "--grad-accum", "1", "--seq-len", "64", "--eval-tokens", "1024",
@@ -177,3 +179,72 @@ def test_the_output_says_what_happened(data_dir, tmp_path):
     for text in ("tiny: 300)", "tiny: 16)", "tiny: 65,536)", "tiny: full 0.001, lowrank 0.01, sltrain 0.01",
                  "one of: cpu", "python sample.py --out-dir RUN", "python eval.py", "python export.py"):
         assert text in " ".join(help_text.split()), text
+
+
+def test_after_an_interrupt_the_closing_line_names_the_step_of_the_last_eval(data_dir, tmp_path):
+    """Evals at steps 2, 4; the signal as step 3 begins: the run stops at step 3, whose loss was never evaluated,
+    so the closing line gives step 2's val loss as the last, at step 2 (not as a final one)."""
+    r = script(*FLAGS, "--max-steps", "6", "--eval-every", "2", "--data", data_dir, "--out-dir", str(tmp_path),
+               env={"NANO_SLTRAIN_SIGNAL_AT": "SIGINT:3"})
+    assert r.returncode == 130, r.stderr[-2000:]
+    at_2 = [x["val_loss"] for x in checkpoint.read_log(str(tmp_path / "log.jsonl")) if x["type"] == "eval"]
+    done = next(line for line in r.stdout.splitlines() if line.startswith("done: 3 steps"))
+    assert f", last val loss {at_2[-1]:.4f} (at step 2), best {at_2[-1]:.4f} (step 2);" in done, done
+    assert "final val loss" not in done
+
+
+@pytest.mark.parametrize("flags", [["--resume"], ["--data", "nowhere"], ["--vocab-size", "100"]],
+                         ids=["resume-without-checkpoint", "missing-data", "small-vocab"])
+def test_a_refused_start_leaves_no_new_folder(data_dir, tmp_path, flags):
+    """A start refused after the folder was claimed (no checkpoint to resume, no data, a vocabulary too small)
+    removes the folder it created; a folder that was there before stays, with what it held."""
+    new = tmp_path / "new"
+    with pytest.raises(SystemExit):
+        train.main(FLAGS + ["--data", data_dir, "--out-dir", str(new), *flags])
+    assert not new.exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        train.main(FLAGS + ["--data", data_dir, "--out-dir", str(old), *flags])
+    assert (old / "notes.txt").read_text() == "mine"
+
+
+def test_a_gpu_sized_recipe_on_a_cpu_says_so_before_it_starts(capsys):
+    """60m on a CPU: one note with the step's FLOPs, 6 per weight and token of every block linear (counted dense)
+    and lm_head plus attention's 12 x layers x seq x dim per token (the config's shapes, counted here), and the
+    CPU-sized alternative; tiny: no note."""
+    from model import CONFIGS
+    args = train.get_args(["--model", "60m", "--device", "cpu", "--vocab-size", "257"])
+    from run import session
+    session.cpu_note(args, train.build_model(args, 257), 1, print)
+    note = capsys.readouterr().out
+    c = CONFIGS["60m"]
+    weights = c.n_layers * (4 * c.dim * c.dim + 3 * c.dim * c.ffn_dim) + c.dim * 257
+    tflop = (6 * weights + 12 * c.n_layers * 256 * c.dim) * 512 * 256 / 1e12
+    assert note.startswith("note: one step of --model 60m on this CPU takes about ") and note.count("\n") == 1
+    assert f"({tflop:.1f} TFLOP at the " in note and "--model tiny trains in minutes" in note
+    tiny = train.get_args(["--model", "tiny", "--device", "cpu"])
+    session.cpu_note(tiny, train.build_model(tiny, 257), 1, print)
+    assert capsys.readouterr().out == ""
+
+
+def test_the_parameter_count_names_its_vocabulary():
+    """60m at the offline data's 257 tokens has 11.03M parameters; the README's table (the paper's) counts 43.53M
+    at 32000: the start line says both. tiny's table counts at 257: no second figure."""
+    args = train.get_args(["--model", "60m", "--vocab-size", "257"])
+    assert train.parameters(args, train.build_model(args, 257)) == (
+        "11.03M parameters (11.03M trainable) at the data's vocabulary of 257 (43.53M at the 32000 the README's table "
+        "counts with)")
+    tiny = train.get_args(["--model", "tiny", "--vocab-size", "257"])
+    assert train.parameters(tiny, train.build_model(tiny, 257)) == "0.40M parameters (0.40M trainable), vocab 257"
+
+
+def test_dry_run_sizes_are_in_mb_below_a_gb(data_dir):
+    """The tiny model's paper estimate is 2.61 MB (the README's table; 0.00 GB would say nothing), and the plan's
+    total says it is this run's plan, the figure the memory check uses."""
+    r = script("--model", "tiny", "--dry-run", "--data", data_dir, path=os.path.join(ROOT, "train.py"))
+    assert "the paper's memory estimate (bf16 weights + bf16 Adam moments + int64 indices; the README table's): " \
+           "2.61 MB" in r.stdout, r.stdout
+    total = next(line for line in r.stdout.splitlines() if line.strip().startswith("total"))
+    assert re.search(r"\d+\.\d\d MB  this run's plan: what the memory check compares with the free memory", total)

@@ -21,6 +21,8 @@ from run_script import run_cases
 from model import CONFIGS, LLaMA
 from sltrain import SLLinear, csr_forward, swap_linears
 
+pytestmark = pytest.mark.slow  # end-to-end: runs sampled in subprocesses: not in the one-minute check
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -217,7 +219,7 @@ def test_sharded_checkpoint_loads_like_the_single_process_run(data_dir, tiny_run
 
 
 def test_consolidated_model_pt_loads(tiny_run, tmp_path):
-    """python checkpoint.py writes {model, config, build, step} to model.pt (checkpoint.consolidate): the same
+    """python -m run.checkpoint writes {model, config, build, step} to model.pt (checkpoint.consolidate): the same
     weights load."""
     state = torch.load(os.path.join(tiny_run("full"), "ckpt.pt"), weights_only=False)
     torch.save({k: state[k] for k in ("model", "config", "build", "step")}, tmp_path / "model.pt")
@@ -258,3 +260,16 @@ def test_decode_bench_times_both_modes(monkeypatch):
     (row,) = [json.loads(line) for line in out.stdout.splitlines()]
     assert row["model"] == "tiny" and row["blocks"] == CONFIGS["tiny"].n_layers and row["auto"] == "merged"
     assert row["merged"] > 0 and row["csr"] > 0
+
+
+def test_the_stats_line_comes_after_the_text_on_its_own_line(tiny_run):
+    """stdout and stderr into one pipe (as a terminal shows them): the generated text first, whole, then the
+    stats line, starting a line of its own after a blank one (stdout is flushed before stderr is written)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "sample.py", "--out-dir", tiny_run("sltrain"), "--max-new-tokens", "20",
+                        "--prompt", "def "], cwd=ROOT, capture_output=False, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:]
+    text, _, stats = r.stdout.rpartition("\n\n--- 20 tokens in ")
+    assert text.startswith("def ") and stats.endswith("\n") and "tokens/s" in stats

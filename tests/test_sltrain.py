@@ -20,15 +20,19 @@ SHAPES = [(16, 16, 4, 0.1), (37, 53, 5, 0.07), (64, 24, 24, 0.03), (7, 3, 1, 0.5
 
 
 @pytest.mark.parametrize("in_f,out_f,rank,delta", SHAPES)
-def test_forward_and_grads_match_float64_reference(in_f, out_f, rank, delta):
+def test_forward_and_grads_match_float64_reference(in_f, out_f, rank, delta, device):
+    """The layer on the test device (a GPU where there is one: the route its cost model picks) against
+    autograd through the dense float64 formula on the CPU."""
     torch.manual_seed(in_f * out_f)
     layer = SLLinear(in_f, out_f, rank, delta, alpha=16.0, seed=3)
     with torch.no_grad():
         layer.B.normal_()  # B = 0 at init would hide half of the gradient paths
     x = torch.randn(2, 5, in_f, requires_grad=True)
     dy = torch.randn(2, 5, out_f)
-    y = layer(x)
+    layer.to(device)
+    y = layer(x.to(device)).cpu()
     y.backward(dy)
+    layer.cpu()  # its gradients with it
 
     # reference: autograd through the float64 dense formula, with S as a dense masked parameter
     A = layer.A.detach().double().requires_grad_()

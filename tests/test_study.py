@@ -14,6 +14,8 @@ import horizon  # noqa: E402
 import study  # noqa: E402
 import why_sparse  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the benchmark scripts end to end: not in the one-minute check
+
 SWEEP = {  # final val loss per lr: full's best is inside the grid, lowrank's and sltrain's at its top edge
     "full": {1e-4: 3.0, 3e-4: 2.0, 1e-3: 1.5, 3e-3: 1.7, 1e-2: 2.5},
     "lowrank": {1e-4: 3.5, 3e-4: 2.7, 1e-3: 2.1, 3e-3: 1.9, 1e-2: 1.8, 3e-2: 1.6, 1e-1: float("nan")},

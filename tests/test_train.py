@@ -9,6 +9,8 @@ from run import memory
 import train
 from data.loader import TokenData
 
+pytestmark = pytest.mark.slow  # end-to-end training runs: not in the one-minute check
+
 SMALL = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-tokens", "2048", "--log-every", "1"]
 
 
