@@ -4,7 +4,7 @@ Evaluate a run's checkpoint without training: validation loss and perplexity.
     python eval.py --out-dir out/tiny-sltrain                       # on the run's own val split
     python eval.py --out-dir out/60m-sltrain --data data/c4 --eval-tokens 10000000
 
-The model comes from checkpoint.load_model (any method, single-file or sharded checkpoint); the
+The model comes from run/checkpoint.load_model (any method, single-file or sharded checkpoint); the
 windows and the loss are train.py's own (model.evaluate on data.loader's fixed val windows), so
 the figure equals the eval record the run logged at that step with the same --eval-tokens and
 device (on a CPU it evaluates in fp32, where a GPU run logged bf16 compute).
@@ -61,8 +61,10 @@ def main(argv=None):
     batches = val.eval_batches(run.eval_tokens, run.batch_size, run.seq_len, args.device)
     loss_sum, n_tokens = evaluate(model, batches, autocast(args.device, getattr(torch, run.dtype)), args.device)
     loss = (loss_sum / n_tokens).item()  # train.py's validation_loss in one process
+    plan = val.eval_plan(run.eval_tokens, run.seq_len)
     print(f"{model.checkpoint}: val loss {loss:.4f} | val ppl {perplexity(loss):.2f} | {n_tokens:,} tokens of "
-          f"{run.data} in windows of {run.seq_len}, {run.dtype}")
+          f"{run.data} in {plan['eval_windows']} windows of {run.seq_len} spread over its val split "
+          f"({plan['eval_share_read']:.0%} of it), {run.dtype}")
     return loss
 
 

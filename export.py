@@ -5,7 +5,7 @@ converters read on its own:
     python export.py --out-dir out/tiny-sltrain --hf-dir hf/tiny-sltrain
     # then, anywhere:  AutoModelForCausalLM.from_pretrained("hf/tiny-sltrain") and AutoTokenizer likewise
 
-writes config.json, model.safetensors, generation_config.json, the tokenizer files (hf_tokenizer.py)
+writes config.json, model.safetensors, generation_config.json, the tokenizer files (run/hf_tokenizer.py)
 and a model card, README.md. Every block linear becomes one dense matrix: an SL layer is merged to
 W = scale * B A + S (low-rank product, scale and sparse part; a low-rank layer is the same with
 S = 0), so the export is an ordinary LLaMA of the full-rank size. Three details decide whether the
@@ -123,7 +123,7 @@ def generation_config(meta):
 
 
 def run_log(out_dir):
-    """log.jsonl's records (checkpoint.read_log: a torn or merged line is named and skipped)."""
+    """log.jsonl's records (run/checkpoint.read_log: a torn or merged line is named and skipped)."""
     path = os.path.join(out_dir, "log.jsonl")
     return read_log(path) if os.path.exists(path) else []
 
@@ -192,7 +192,9 @@ def model_card(model, meta, records, n_params, n_bytes, dtype, folder):
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f"tok, model = AutoTokenizer.from_pretrained({folder!r}), AutoModelForCausalLM.from_pretrained({folder!r})",
               f"print(tok.decode(model.generate(**tok('def ', return_tensors='pt'), max_new_tokens="
-              f"{min(100, cfg.max_seq_len // 2)}, do_sample=False)[0]))", "```", ""]
+              f"{min(100, cfg.max_seq_len // 2)}, do_sample=True, temperature=0.8, top_k=50)[0]))", "```", "",
+              "It samples: greedy decoding (`do_sample=False`) of a small model repeats a few tokens over and over, "
+              "which is the model, not the export.", ""]
     return "\n".join(lines)
 
 
@@ -256,6 +258,8 @@ def publish(staging, target):
 def check_target(p, args):
     """Refuse, before any work, a --hf-dir that cannot or must not be replaced. --force replaces an
     earlier export only (config.json and model.safetensors): never a folder of other files, such as a home."""
+    if not args.hf_dir or not args.out_dir:
+        p.error(f"--{'hf-dir' if not args.hf_dir else 'out-dir'} '': empty (an unset shell variable?): pass a folder")
     target, run = os.path.abspath(args.hf_dir), os.path.abspath(args.out_dir)
     if os.path.commonpath([target, run]) == target:
         p.error(f"--hf-dir {args.hf_dir}: must not be the run's folder or hold it (--out-dir {args.out_dir}): the "

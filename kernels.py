@@ -193,7 +193,7 @@ def _acc(dtype):
 
 def _transposed(a):
     """a (Tc, n) -> a^T (n, Tc), a view whose rows start every multiple of 16 elements (the rows
-    are padded), as the kernels promise the compiler (see the register note above the kernels)."""
+    are padded), as the kernels promise the compiler (docs/kernels.md: why it matters for registers)."""
     Tc, n = a.shape
     padded = torch.empty(n, -(-Tc // 16) * 16, dtype=a.dtype, device=a.device)
     padded[:, :Tc].copy_(a.t())

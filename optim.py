@@ -42,7 +42,7 @@ except ModuleNotFoundError as e:
 # -----------------------------------------------------------------------------
 # the code book
 #
-# The 8-bit code book of AdamW8bit's moments (optim.py): 256 values, and rounding fp32 numbers to them.
+# The 8-bit code book of AdamW8bit's moments: 256 values, and rounding fp32 numbers to them.
 # A moment is stored in quantization groups of QGROUP = 256 elements: each group keeps its fp32 absmax,
 # each element the byte of the nearest code-book value to (element / absmax).
 #

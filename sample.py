@@ -3,7 +3,7 @@ Sample text from a trained run, in nanoGPT's spirit:
 
     python sample.py --out-dir out/tiny-sltrain --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 0
 
-The model comes from checkpoint.load_model: any run train.py writes (every method; a single, sharded
+The model comes from run/checkpoint.load_model: any run train.py writes (every method; a single, sharded
 or gathered checkpoint), in eval mode, exactly as train.py built it. The tokenizer is the one the run's
 data was prepared with (log.jsonl's config record keeps the data's meta.json), so the user never names it.
 

@@ -13,7 +13,6 @@ run/, which you need not read to understand SLTrain. Ctrl-C (or SIGTERM) finishe
 saves a checkpoint; --resume continues exactly.
 """
 import math
-import os
 import signal
 import sys
 from dataclasses import asdict, replace
@@ -193,7 +192,7 @@ def main(argv=None):
         return memory.dry_run(args, build_model, RECIPES[args.model])
     rank, world = parallel.setup(args)
     say = print if rank == 0 else (lambda *a, **k: None)
-    created = not os.path.exists(args.out_dir)
+    created = session.new_folder(args.out_dir)  # what a refused start removes again
     parallel.exit_together(session.claim_out_dir(args, rank), args.device)  # one run per folder
     torch.manual_seed(args.seed)
     with session.refusals_leave_no_folder(args, rank, created):  # a start refused below leaves no new folder
@@ -212,7 +211,10 @@ def main(argv=None):
             f"{'' if world == 1 else f' x {world} ranks ({args.dist})'} | {args.param_dtype} weights, {args.dtype} "
             f"compute | {args.optimizer}{' per-layer' * args.per_layer}")
         session.cpu_note(args, meta_model, world, say)  # a GPU-sized recipe on a CPU: how long a step will take
-        model, raw_model = parallel.parallelize(meta_model, args, lambda: build_model(args, args.vocab_size))
+        # --resume: the checkpoint's weights and supports, not new ones (under DDP the replicas start initialised:
+        # a resumed 2-rank DDP run drifted from the uninterrupted one after the first step without it)
+        model, raw_model = parallel.parallelize(meta_model, args, lambda: build_model(args, args.vocab_size),
+                                                load=args.resume and args.dist != "ddp")
         # optimizer, and the checkpoint to continue (--resume) with the log
         optimizer = build_optimizer(raw_model, args)
         step, log = session.start(args, raw_model, optimizer, meta, val_data, rank, world, say, argv)

@@ -179,7 +179,7 @@ def difference_rows(pairs_of, steps):
 
 
 def report(args, out):
-    """benchmarks/results/horizon/table.md (returns its text) and the headline block of README.md."""
+    """benchmarks/results/horizon/table.md; returns its text."""
     labels = [label for label, _, _ in MODELS]
     any_records = next((r for part in ("bracket",) for lrs in out[part].values() for r in lrs.values() if r), [])
     lines = [f"Eval: {eval_set(any_records)}; the same windows for every run. Train-batch loss: the mean training "

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from run.checkpoint import load_model  # noqa: E402
 from model import CONFIGS, LLaMA  # noqa: E402
-from sltrain import BLOCK_LINEARS, METHODS, SLLinear, densify, random_support, swap_linears  # noqa: E402
+from sltrain import BLOCK_LINEARS, METHODS, SLLinear, densify, random_support, setting_errors, swap_linears  # noqa: E402
 
 OFFLINE_VOCAB = 257  # the offline data's byte-level vocabulary (data/prepare.py), which every tiny run trained on
 
@@ -234,10 +234,17 @@ def main(argv=None):
             p.error(f"--init {size} {method}: the method must be one of {', '.join(METHODS)}")
         if args.results is None:
             p.error("--init has no run folder to write into: name one with --results")
+    if args.init is not None:  # the model it builds: sltrain's own rules (one home: sltrain.setting_errors)
+        cfg = CONFIGS[size]
+        for name, value, rule in setting_errors(cfg.rank if args.rank is None else args.rank,
+                                                cfg.delta if args.delta is None else args.delta,
+                                                cfg.alpha if args.alpha is None else args.alpha,
+                                                min(cfg.dim, cfg.ffn_dim))[:1]:
+            p.error(f"--{name} {value}: {rule} for --init {size}")
     if args.rank is not None and args.rank < 1:
         p.error(f"--rank {args.rank}: must be >= 1")
     if args.delta is not None and not 0 <= args.delta < 1:
-        p.error(f"--delta {args.delta}: must be in [0, 1)")
+        p.error(f"--delta {args.delta}: the sparse density must be in [0, 1)")
     if importlib.util.find_spec("matplotlib") is None:  # checked before the work: the plots are the point
         p.exit(1, "error: matplotlib is not installed: pip install -r requirements-dev.txt (or pip install matplotlib)\n")
     if args.init is None:

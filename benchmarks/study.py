@@ -275,7 +275,7 @@ def eval_named(records):
     config = next((r for r in records if r.get("type") == "config"), {})
     if "eval_windows" not in config:
         tokens = config.get("eval_tokens")
-        return (f"the first {tokens:,} tokens of the val split (the eval before windows were spread over the split)"
+        return (f"the first {tokens:,} tokens of the val split, not windows spread over it (docs/data.md)"
                 if tokens else "not recorded")
     return (f"{config['eval_windows']} windows of {config['seq_len']} tokens spread over the whole val split "
             f"({config['val_split_tokens']:,} tokens, {config['eval_share_read']:.0%} of it read)")

@@ -14,12 +14,14 @@ only after every rank has written, and a killed run's leftovers (*.tmp, sharded 
 not name) are removed at the next start. A running train.py holds .lock: one run per folder.
 """
 import argparse
+import errno
 import fcntl
 import json
 import logging
 import os
 import random
 import shutil
+import socket
 import sys
 
 import numpy as np
@@ -108,9 +110,14 @@ def unlock():
     _LOCK = None
 
 
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # NFS without lockd, Lustre mounted noflock, ...
+
+
 def lock(out_dir):
     """Take out_dir/.lock, an OS lock (flock) held while this process lives and released by the kernel
-    when it ends, kill -9 included, so it is never stale. -> None, or why another process holds it."""
+    when it ends, kill -9 included, so it is never stale. It records "PID on HOST": on a shared filesystem the
+    holder may run on another node. -> None, or why another process holds it. A filesystem without locks
+    gets one warning line, and the run goes on unguarded."""
     global _LOCK
     unlock()  # this process's previous run, if any (main() called again, as tests do)
     f = open(os.path.join(out_dir, ".lock"), "a+")
@@ -118,11 +125,16 @@ def lock(out_dir):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        pid = f.read().strip() or "unknown"
+        holder = f.read().strip() or "unknown"
         f.close()
-        return (f"--out-dir {out_dir} is in use by another train.py (PID {pid}): wait for it to finish or stop it, "
-                f"or pass another --out-dir")
-    f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
+        return (f"--out-dir {out_dir} is in use by another train.py (PID {holder}): wait for it to finish or stop "
+                f"it, or pass another --out-dir")
+    except OSError as e:
+        if e.errno not in NO_LOCKS:
+            raise
+        print(f"warning: --out-dir {out_dir} is on a filesystem without file locks ({errno.errorcode[e.errno]}): a "
+              f"second run into this folder would not be stopped; this one goes on", file=sys.stderr)
+    f.seek(0), f.truncate(), f.write(f"{os.getpid()} on {socket.gethostname()}"), f.flush()
     _LOCK = f
     return None
 
@@ -353,12 +365,14 @@ def main(argv=None):
     parallel.exit_together(None if os.path.exists(path) else f"{path} is missing: the sharded checkpoint is "
                            f"incomplete, or it was written by another number of ranks", run.device)
     state = torch.load(path, map_location=run.device, weights_only=False)
-    model, _ = parallel.parallelize(build_model(**state["build"]), run, lambda: build_model(**state["build"]))
+    model, _ = parallel.parallelize(build_model(**state["build"]), run, lambda: build_model(**state["build"]), load=True)
     model.load_state_dict(state.pop("model"))
-    consolidate(args.out_dir, model, state)
-    parallel.teardown(run)
+    consolidate(args.out_dir, model, state)  # rank 0 writes model.pt after the last collective
     sys.stdout.flush()
-    os._exit(0)  # model.pt is written: skip interpreter teardown, where gloo FSDP2 can abort after a correct run
+    # no barrier, no teardown: ranks waiting in one while rank 0 writes 14-28 GB (7b) would hit the collective
+    # timeout; every rank is done with the others here. os._exit also skips interpreter teardown, where gloo
+    # FSDP2 can abort after a correct run.
+    os._exit(0)
 
 
 if __name__ == "__main__":

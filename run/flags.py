@@ -151,6 +151,8 @@ def validate(p, args, recipes):
     args.eval_tokens = args.eval_tokens or recipe["eval_tokens"]
     args.dtype_given = args.dtype is not None  # a dry run on a CPU plans a GPU's bf16 unless told
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") or args.dry_run else "float32")
+    if args.out_dir == "" or args.data == "":
+        p.error(f"--{'out-dir' if args.out_dir == '' else 'data'} '': empty (an unset shell variable?): pass a folder")
     args.out_dir = args.out_dir or os.path.join("out", f"{args.model}-{args.method}")
     args.gpus = args.gpus or world
     max_rank = min(cfg.dim, cfg.ffn_dim)  # every block linear is dim x dim, dim x ffn or ffn x dim

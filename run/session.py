@@ -41,16 +41,25 @@ def claim_out_dir(args, rank):
     return error
 
 
+def new_folder(path):
+    """The highest folder of `path` that does not exist yet, which creating it creates first; None if it exists."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    return top
+
+
 @contextlib.contextmanager
 def refusals_leave_no_folder(args, rank, created):
     """A start refused inside the block (data, memory, a checkpoint that would not resume: a SystemExit on
-    every rank) removes --out-dir again when this run created it (`created`) and it holds nothing but the lock."""
+    every rank), or a Ctrl-C before the loop, removes the folders this run created (`created`: new_folder's,
+    taken before) when --out-dir holds nothing but the lock."""
     try:
         yield
-    except SystemExit:
+    except (SystemExit, KeyboardInterrupt):
         if created and rank == 0 and set(os.listdir(args.out_dir)) <= {".lock"}:
             checkpoint.unlock()
-            shutil.rmtree(args.out_dir, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 
@@ -196,8 +205,10 @@ def stop_if_not_finite(loss, split, step, args, record):
 
 
 class StopRequest:
-    """The first Ctrl-C (SIGINT) or SIGTERM (what schedulers send before a kill) asks the loop to stop
-    after the current step and save a checkpoint; a second one exits at once, without a traceback."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (what schedulers send before a kill) asks the loop to stop after
+    the current step and save a checkpoint. Only a second Ctrl-C, from a person, exits at once, without a
+    traceback: further SIGTERMs are the same request again (Slurm signals every process of a job step and
+    torchrun forwards its own SIGTERM too, so a worker gets two, milliseconds apart)."""
 
     def __init__(self, loud):
         self.signum, self.loud, self.previous = 0, loud, {}
@@ -205,6 +216,8 @@ class StopRequest:
             self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGTERM:
+            return  # a scheduler's (or the launcher's) copy of the request: the step still finishes and saves
         if self.signum:
             os.write(2, b"\ninterrupted again: exiting now; the last checkpoint is as it was\n")
             os._exit(128 + signum)

@@ -88,7 +88,7 @@ def test_the_folder_works_with_transformers_alone(tiny_run, tmp_path):
     generation; greedy generate gives sample.py --temperature 0's text; the card's snippet runs."""
     run, hf = tiny_run("sltrain"), tmp_path / "hf"
     export.main(["--out-dir", run, "--hf-dir", str(hf)])
-    enc = sample.load_tokenizer(run, checkpoint.load_model(run).train_config)  # the project's tokenizer
+    enc = checkpoint.load_tokenizer(run, checkpoint.load_model(run).train_config)  # the project's tokenizer
     prompt, n = "def ", 32  # n: the card's max_new_tokens at context 64
     r = subprocess.run([sys.executable, "-c", HF_ONLY, json.dumps([str(hf), ROUND_TRIP, prompt, n, card_snippet(hf)])],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)  # cwd: no project file importable

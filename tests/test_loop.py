@@ -372,3 +372,48 @@ def test_bf16_weights_learn_like_fp32_weights(data_dir, tmp_path):
     gains = torch.cat([m.weight.detach().flatten() for m in model.modules() if m.__class__.__name__ == "RMSNorm"])
     assert gains.dtype == torch.bfloat16 and (gains != 1).float().mean() > 0.5
     assert abs(final["bfloat16"] - final["float32"]) < 0.02 * final["float32"], final
+
+
+def test_train_step_accumulates_the_mean_gradient_of_the_whole_batch():
+    """train.train_step over 2 micro-batches of 2 sequences hands optimizer.step the gradient of the mean loss over
+    all 4 (each micro-step's loss divided by their number): against a float64 copy of the model on the 4 at once.
+    Fast and direct: the train.py runs that check the same are `slow`."""
+    torch.manual_seed(0)
+    model = tiny_model("sltrain")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SLLinear):
+                m.B.normal_(std=0.02)  # B = 0 would leave A's gradient 0
+    x = torch.randint(0, 257, (4, 32))
+    y = torch.randint(0, 257, (4, 32))
+    args = train.get_args(["--model", "tiny", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "2",
+                           "--device", "cpu"])
+    seen = {}
+
+    class Recorder:
+        param_groups = []
+
+        def step(self):
+            seen.update({n: p.grad.double().clone() for n, p in model.named_parameters()})
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=set_to_none)
+
+    stop = type("Stop", (), {"signum": 0})()
+    loss, stopping = train.train_step(model, Recorder(), iter([(x[:2], y[:2]), (x[2:], y[2:])]), args,
+                                      torch.autocast("cpu", enabled=False), 1, stop)
+    reference = copy.deepcopy(model).double()
+    ref_loss = reference(x, y)[1]
+    ref_loss.backward()
+    assert not stopping and loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(seen[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_ranks_read_disjoint_rows_of_the_one_process_batch(data_dir):
+    """With N ranks, rank r's batch is rows [r*B, (r+1)*B) of the batch one process draws with N*B sequences."""
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    data = TokenData(data_dir, "train", meta)
+    whole = data.random_batch(5, 1, 6, 32, seed=3, device="cpu")
+    parts = [data.random_batch(5, 1, 2, 32, seed=3, device="cpu", rank=r, world=3) for r in range(3)]
+    assert torch.equal(torch.cat([x for x, _ in parts]), whole[0]) and torch.equal(torch.cat([y for _, y in parts]), whole[1])

@@ -221,3 +221,26 @@ def test_fsdp_shards_round_bf16_weights_independently(tmp_path, path):
     for shard in (a, b):  # the rounding works on each shard: some elements moved down, others stayed
         assert 0.3 < (shard < 1).float().mean() < 0.7
     assert 0.3 < (a != b).float().mean() < 0.7
+
+
+def test_two_nodes_are_two_ranks(data_dir, tmp_path):
+    """`torchrun --nnodes 2`: two agents (two "nodes", here both on 127.0.0.1, one process each) train the same
+    run as one agent with two processes: the same ranks, batches and all-reduces, so the same losses. Both nodes
+    see one --out-dir and one --data, as on a shared filesystem; rank 0 writes."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [*COMMON, "--batch-size", "2", "--data", data_dir, "--dist", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               os.path.join(ROOT, "train.py"), *flags, "--out-dir", str(tmp_path / "two-nodes")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
+    one = torchrun(*flags, "--out-dir", str(tmp_path / "one-node"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert losses(tmp_path / "two-nodes") == losses(tmp_path / "one-node")
+    assert "cpu x 2 ranks (ddp)" in outputs[0]  # rank 0 speaks for both nodes

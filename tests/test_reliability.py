@@ -349,3 +349,21 @@ def test_kill_inside_a_sharded_save_then_resume_continues_exactly(data_dir, tmp_
     assert sorted(os.listdir(tmp_path / "killed")) == [".lock", "latest-sharded", "log.jsonl", "sharded-3"]
     upto3 = [r for r in records(tmp_path / "whole") if r["step"] <= 3]  # train 1, 2, 3 and eval 2
     assert [r for r in records(tmp_path / "killed") if r["step"] < 3 or r["type"] == "train"] == upto3
+
+
+def test_resume_does_not_draw_supports_it_will_overwrite(data_dir, tmp_path, monkeypatch):
+    """A fresh run draws each SL layer's support (28 in tiny); --resume loads them from the checkpoint and
+    draws none (at 7b, 224 draws take about a minute), and still continues the run exactly."""
+    import sltrain
+    calls = []
+    real = sltrain.random_support
+    monkeypatch.setattr(sltrain, "random_support", lambda *a, **k: calls.append(1) or real(*a, **k))
+    flags = SMALL + ["--max-steps", "4", "--eval-every", "2", "--data", data_dir]
+    train.main(flags + ["--out-dir", str(tmp_path / "whole")])
+    assert len(calls) == 28
+    train.main(flags + ["--out-dir", str(tmp_path / "split"), "--stop-at-step", "2"])
+    calls.clear()
+    train.main(flags + ["--out-dir", str(tmp_path / "split"), "--resume"])
+    assert calls == []
+    assert [r for r in records(tmp_path / "split") if r["type"] == "eval"] == \
+           [r for r in records(tmp_path / "whole") if r["type"] == "eval"]

@@ -21,7 +21,8 @@ from run_script import run_cases
 from model import CONFIGS, LLaMA
 from sltrain import SLLinear, csr_forward, swap_linears
 
-pytestmark = pytest.mark.slow  # end-to-end: runs sampled in subprocesses: not in the one-minute check
+# the decoding units (KV cache, decode modes, greedy, seeded sampling) are in the one-minute check; the tests
+# of the scripts on a trained run (subprocesses, torchrun) are `slow`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,6 +99,7 @@ def test_seeded_sampling_is_deterministic():
     assert not torch.equal(draw(0), draw(1))
 
 
+@pytest.mark.slow
 def test_sample_script_on_a_run(tiny_run, capsys):
     run = tiny_run("sltrain")
     flags = ["--out-dir", run, "--prompt", "def ", "--max-new-tokens", "30", "--temperature", "1.0",
@@ -109,6 +111,7 @@ def test_sample_script_on_a_run(tiny_run, capsys):
     assert "tokens/s" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_an_unreadable_checkpoint_stops_with_one_line(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="^error: .*unreadable"):
@@ -159,6 +162,7 @@ FLAG_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", FLAG_CASES)
 def test_each_flag_is_checked(tiny_run, tmp_path, script):
     """Issue 21, item 5: the real script, one line naming the flag and its rule, and a non-zero status."""
@@ -172,6 +176,7 @@ def test_each_flag_is_checked(tiny_run, tmp_path, script):
     assert os.listdir(tmp_path) == []  # nothing written, not even by export.py
 
 
+@pytest.mark.slow
 def test_max_new_tokens_past_the_context_is_explained(tiny_run):
     """The model attends to max_seq_len (64 here) tokens; generate slides its window past that
     (test_greedy_generate_equals_recompute_past_the_window), so sample.py runs and says so."""
@@ -188,6 +193,7 @@ def test_max_new_tokens_past_the_context_is_explained(tiny_run):
     assert out2 == "x" * 100 + "\n"
 
 
+@pytest.mark.slow
 def test_eval_equals_the_logged_eval(tiny_run):
     run = tiny_run("sltrain")
     logged = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))][-1]
@@ -198,6 +204,7 @@ def test_eval_equals_the_logged_eval(tiny_run):
         logged["val_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_loads_like_the_single_process_run(data_dir, tiny_run, tmp_path):
     """2 ranks x 2 sequences under FSDP2 train on the single run's 4 sequences per micro-step, so
     the weights agree up to the order of float sums (tests/test_parallel.py)."""
@@ -218,6 +225,7 @@ def test_sharded_checkpoint_loads_like_the_single_process_run(data_dir, tiny_run
         torch.testing.assert_close(sharded(ids)[0], single(ids)[0], rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_consolidated_model_pt_loads(tiny_run, tmp_path):
     """python -m run.checkpoint writes {model, config, build, step} to model.pt (checkpoint.consolidate): the same
     weights load."""
@@ -238,6 +246,7 @@ def test_auto_decode_follows_the_measurements():
         assert sample.choose_decode(model) == expected, name
 
 
+@pytest.mark.slow
 def test_decode_bench_times_both_modes(monkeypatch):
     """benchmarks/decode_bench.py, the measurement choose_decode follows: each mode's speed is timed on a model
     prepared that way (merged: no SLLinear left; csr: every SLLinear decodes through csr_forward)."""
@@ -262,6 +271,7 @@ def test_decode_bench_times_both_modes(monkeypatch):
     assert row["merged"] > 0 and row["csr"] > 0
 
 
+@pytest.mark.slow
 def test_the_stats_line_comes_after_the_text_on_its_own_line(tiny_run):
     """stdout and stderr into one pipe (as a terminal shows them): the generated text first, whole, then the
     stats line, starting a line of its own after a blank one (stdout is flushed before stderr is written)."""
