@@ -7,7 +7,8 @@ under the eval that reads windows across the whole val split. Tiny model, offlin
 
 1. lr at the horizon: tiny full, lowrank, sltrain and tiny-narrow (full) at their 400-step best lr (the
    committed sweeps in benchmarks/results/study/ and dense/) and one rung either side, seed 0, --steps steps.
-   A rung whose 400-step run failed (non-finite, or more than 1 nat above that sweep's best) is skipped.
+   A rung whose 400-step run failed (non-finite, or more than 1 nat above that sweep's best) is skipped; while a
+   best at --steps is its bracket's edge, one rung further on that side.
 2. seeds 0, 1, 2 at each model's --steps best lr.
 3. S's own lr: sltrain seed 0 for --longer steps at its best lr with --sparse-lr-ratio 0.1 (S's values at a
    tenth of the factors' lr), beside each of the four at --longer steps, seed 0, at their best lr.
@@ -38,14 +39,14 @@ ABLATION = ((32, 0.01), (32, 0.1), (16, 0.03), (64, 0.03))  # why_sparse.py's se
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plot", action="store_true", help="only the tables and plots, from the logs in --results")
+    p.add_argument("--until", type=int, default=5, choices=range(1, 6), help="stop after this part (default: 5)")
     p.add_argument("--steps", type=int, default=2400, help="steps of an lr-check and seed run (default: 2400)")
     p.add_argument("--longer", type=int, default=4800, help="steps of the S-lr runs (default: 4800)")
     p.add_argument("--sweep-steps", type=int, default=400, help="steps of the committed sweeps (default: 400)")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs", "horizon"), help="out-dirs of the runs")
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "horizon"),
                    help="finished runs' logs and the tables (default: benchmarks/results/horizon)")
-    p.add_argument("--plot", action="store_true", help="only the tables and plots, from the logs in --results")
-    p.add_argument("--until", type=int, default=5, choices=range(1, 6), help="stop after this part (default: 5)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each on cores/jobs threads (default: 2)")
     p.error = lambda message: p.exit(2, f"error: {message}\n")
     args = p.parse_args(argv)
@@ -86,16 +87,33 @@ def horizon_best(args, results, label):
     return min(finals, key=lambda lr: finals[lr] if math.isfinite(finals[lr]) else math.inf)
 
 
+def wider(args, results, label, model, method):
+    """The next rung past the edge of label's rungs when its best at --steps is that edge (and the rung did not
+    fail at 400 steps), else None: no best is a grid's edge, as study.py's rule."""
+    best = horizon_best(args, results, label)
+    if best is None:
+        return None
+    lrs = sorted(results[label])
+    i = LADDER.index(best)
+    nxt = LADDER[i + 1] if best == lrs[-1] and i + 1 < len(LADDER) else LADDER[i - 1] if best == lrs[0] and i else None
+    sweep = sweep_400(args, model, method)
+    failed = nxt in sweep and not sweep[nxt] - min(sweep.values()) <= FAILED
+    return None if nxt is None or nxt in results[label] or failed else nxt
+
+
 def collect(args, do_runs):
     """Each part's records, {part: {key: records or None}}, running what is missing when do_runs."""
     out = dict(bracket={}, seeds={}, sparse={}, longer={}, ablation={}, rungs_400={})
     rungs = {}
     for label, model, method in MODELS:
         out["rungs_400"][label], rungs[label] = bracket(args, model, method)
-    tasks = {(label, lr): Task(method, lr, 0, args.steps, model) for label, model, method in MODELS for lr in rungs[label]}
-    done = dict(zip(tasks, run_all(args, list(tasks.values()), do_runs)))
-    for (label, lr), records in done.items():
-        out["bracket"].setdefault(label, {})[lr] = records
+    todo = [(label, lr) for label, _, _ in MODELS for lr in rungs[label]]
+    kinds = {label: (model, method) for label, model, method in MODELS}
+    while todo:  # the bracket, then one rung further while a best at --steps is its bracket's edge
+        tasks = {(label, lr): Task(kinds[label][1], lr, 0, args.steps, kinds[label][0]) for label, lr in todo}
+        for (label, lr), records in zip(tasks, run_all(args, list(tasks.values()), do_runs)):
+            out["bracket"].setdefault(label, {})[lr] = records
+        todo = [(label, lr) for label in kinds for lr in [wider(args, out["bracket"], label, *kinds[label])] if lr]
     best = {label: horizon_best(args, out["bracket"], label) for label, _, _ in MODELS}
     out["best"] = best
     parts = [
@@ -298,13 +316,8 @@ def plot(args, out):
 
 
 def main(argv=None):
-
-    args = get_args(argv)
-    t0 = time.time()
-    try:
-        out = collect(args, do_runs=not args.plot)
-    except RuntimeError as e:
-        sys.exit(f"error: {e}")
+    args, t0 = get_args(argv), time.time()
+    out = study.collected(collect, args)  # a run that failed: one error line
     print(report(args, out))
     plot(args, out)
     print(f"horizon: {(time.time() - t0) / 60:.1f} min")

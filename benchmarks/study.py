@@ -421,13 +421,18 @@ def plot(args, sweep, seeds, finals, longer):
     print(f"wrote 3 PNGs to {args.results}")
 
 
+def collected(collect, args):
+    """collect(args, do_runs) of a study script (runs unless --plot); a run that failed is one error line."""
+    try:
+        return collect(args, do_runs=not args.plot)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+
+
 def main():
     args = get_args()
     t0 = time.time()
-    try:
-        sweep, seeds, longer = collect(args, do_runs=not args.plot)
-    except RuntimeError as e:
-        sys.exit(f"error: {e}")
+    sweep, seeds, longer = collected(collect, args)
     finals = report(args, sweep, seeds, longer)
     if args.results == os.path.join(ROOT, "benchmarks", "results", "study") and write_block(
             os.path.join(ROOT, "README.md"), "study.py: headline", headline(args, seeds, finals)):

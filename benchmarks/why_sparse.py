@@ -272,10 +272,7 @@ def plot(args, res, sizes):
 def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
-    try:
-        res = collect(args, do_runs=not args.plot)
-    except RuntimeError as e:
-        sys.exit(f"error: {e}")
+    res = study.collected(collect, args)
     sizes = {p[0]: footprint(*p[1:5]) for p in points(res)}
     report(args, res, sizes)
     plot(args, res, sizes)

@@ -104,7 +104,7 @@ def test_the_folder_works_with_transformers_alone(tiny_run, tmp_path):
         assert text.startswith(theirs["text"])
     else:
         assert text == theirs["text"] and len(theirs["generated"]) == len(enc.encode(prompt)) + n
-    assert theirs["snippet"] == theirs["text"] + "\n"
+    assert theirs["snippet"].startswith("def ") and len(theirs["snippet"]) > len("def \n")  # it samples: a text, run
     print(f"greedy text: {text!r}")
 
 

@@ -279,3 +279,23 @@ def test_horizon_brackets_the_400_step_best_without_failed_rungs(tmp_path, monke
     assert horizon.bracket(args, "tiny", "full") == (1e-3, [3e-4, 1e-3, 3e-3])
     assert horizon.bracket(args, "tiny", "lowrank") == (3e-2, [1e-2, 3e-2])  # 1e-1 is nan: not a rung
     assert horizon.bracket(args, "tiny", "sltrain") == (1e-2, [3e-3, 1e-2])  # 3e-2 failed (9.0 against 1.4)
+
+
+def test_horizon_widens_a_bracket_whose_best_is_its_edge(tmp_path, monkeypatch):
+    """At --steps, full's best is the top rung of its bracket: one rung further (1e-2, which trained at 400 steps);
+    sltrain's best is inside: nothing more; a next rung that failed at 400 steps is never run."""
+    for m, finals in SWEEP.items():
+        for lr, val in finals.items():
+            write(str(tmp_path), m, lr, 0, 400, val)
+    monkeypatch.setattr(horizon, "SWEEPS", dict(tiny=str(tmp_path)))
+    args = horizon.get_args(["--steps", "60"])
+    at = lambda v: [dict(type="eval", step=60, val_loss=v)]  # noqa: E731
+    results = {"full": {3e-4: at(1.3), 1e-3: at(1.2), 3e-3: at(1.1)}, "sltrain": {3e-3: at(1.2), 1e-2: at(1.1), 3e-2: at(1.3)}}
+    assert horizon.wider(args, results, "full", "tiny", "full") == 1e-2
+    assert horizon.wider(args, results, "sltrain", "tiny", "sltrain") is None
+    results["lowrank"] = {3e-2: at(1.2), 1e-1: at(1.0)}  # best at the top, and the rung past it...
+    assert horizon.wider(args, results, "lowrank", "tiny", "lowrank") == 3e-1  # ...never ran at 400 steps: it may
+    results["lowrank"] = {1e-2: at(1.1), 3e-2: at(1.0)}  # the rung past 3e-2, 1e-1, diverged at 400 steps
+    assert horizon.wider(args, results, "lowrank", "tiny", "lowrank") is None
+    results["full"][1e-2] = None  # queued, not finished: no best yet, nothing further
+    assert horizon.wider(args, results, "full", "tiny", "full") is None
