@@ -437,8 +437,8 @@ class PerLayerOptimizer:
         dist = torch.distributed
         if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
                 and not all(hasattr(p, "to_local") for p in self.params.values())):  # plain tensors on many ranks: DDP
-            raise RuntimeError("per-layer updates do not work under DDP: the hooks fire before the gradient all-reduce, "
-                               "so each rank would step on its own gradient. Use FSDP2 (fully_shard) or a global optimizer.")
+            raise RuntimeError(f"per-layer updates do not work under DDP: {per_layer_conflict(0, True)}. Use FSDP2 "
+                               f"(fully_shard) or a global optimizer.")
         self.optimizers = {name: make_optimizer([p]) for name, p in self.params.items()}
         for opt in self.optimizers.values():  # AdamW8bit's skip counts: booked once per step, in step()
             opt.book_skips_in_step = False
@@ -511,9 +511,8 @@ class PerLayerOptimizer:
             p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
 
     def clip_grad_norm_(self, max_norm):
-        raise RuntimeError(f"global grad-norm clipping (max_norm={max_norm}) cannot work with per-layer updates: each "
-                           f"gradient is used and freed during backward, before the global norm is known. Turn off "
-                           f"clipping or per-layer updates.")
+        raise RuntimeError(f"global grad-norm clipping (max_norm={max_norm}) cannot work: "
+                           f"{per_layer_conflict(max_norm, False)}. Turn off clipping or per-layer updates.")
 
     def state_dict(self):
         return {"optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()}}

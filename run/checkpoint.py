@@ -350,7 +350,10 @@ def consolidate(out_dir, model, state):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m run.checkpoint", description=(
+        "Gather a run's FSDP2 checkpoint (one shard file per rank) into one <out-dir>/model.pt that sample.py, eval.py\n"
+        "and export.py read. Run it from the repository's folder, with as many ranks as wrote the shards."),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", required=True, help="the folder of a run trained with --dist fsdp")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line: no usage block

@@ -1,5 +1,6 @@
-"""docs/reliability.md quotes the one line each bad input gets: every quoted command that needs nothing but
-the project (a flag check, a missing run) is run here, and its last stderr line must be the quoted one."""
+"""docs/reliability.md quotes the one line each bad input gets: the quoted train.py, sample.py, eval.py and
+consolidation commands that need nothing but the project, the tests' small data and a tiny run are run here, and
+each one's last stderr line must be the quoted one (export.py's rows need folders set up: tests/test_export.py)."""
 import os
 import re
 
@@ -35,7 +36,7 @@ def test_quoted_train_py_lines_match_the_code(data_dir, tmp_path):
     cases, expected = [], []
     for script, argv, line in quoted():
         if script != "train.py" or "1e30" in argv or "out/run" in argv:  # these train, or need a run at out/run:
-            continue  # tests/test_train.py and test_reliability.py check them
+            continue  # not run here (test_train.py and test_reliability.py check those refusals by their pattern)
         argv = [a.replace("out/", f"{tmp_path}/out/").replace("data/stdlib", data_dir).replace("data/other", data_dir)
                 for a in argv]
         if "--data" not in argv:
