@@ -309,6 +309,7 @@ def _quantize_tile(x, lut_count_ptr, lut_threshold_ptr):
     codes = tl.load(lut_count_ptr + bucket) + (x > tl.load(lut_threshold_ptr + bucket)).to(tl.uint8)
     return codes, absmax
 
+
 @triton.jit
 def _adamw8bit_kernel(p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
                       m_values_ptr, m_lut_count_ptr, m_lut_threshold_ptr,

@@ -44,7 +44,7 @@ RECIPES = {
     "1b": dict(steps=140_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
     "7b": dict(steps=150_000, batch=512, eval_tokens=10_000_000, lr=PAPER_LRS),
 }
-TABLE_VOCAB = dict(tiny=257, **{"tiny-narrow": 257})  # the README's parameter counts: the offline data's vocabulary
+TABLE_VOCAB = {"tiny": 257, "tiny-narrow": 257}  # the README's parameter counts: the offline data's vocabulary
 PAPER_VOCAB = 32000  # for the paper's sizes, the paper's (its LLaMA/T5 tokenizer)
 DEFAULT_DATA = flags.DEFAULT_DATA
 
@@ -211,10 +211,8 @@ def main(argv=None):
             f"{'' if world == 1 else f' x {world} ranks ({args.dist})'} | {args.param_dtype} weights, {args.dtype} "
             f"compute | {args.optimizer}{' per-layer' * args.per_layer}")
         session.cpu_note(args, meta_model, world, say)  # a GPU-sized recipe on a CPU: how long a step will take
-        # --resume: the checkpoint's weights and supports, not new ones (under DDP the replicas start initialised:
-        # a resumed 2-rank DDP run drifted from the uninterrupted one after the first step without it)
         model, raw_model = parallel.parallelize(meta_model, args, lambda: build_model(args, args.vocab_size),
-                                                load=args.resume and args.dist != "ddp")
+                                                load=args.resume)  # --resume: the checkpoint's weights, not new ones
         # optimizer, and the checkpoint to continue (--resume) with the log
         optimizer = build_optimizer(raw_model, args)
         step, log = session.start(args, raw_model, optimizer, meta, val_data, rank, world, say, argv)

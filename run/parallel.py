@@ -109,9 +109,13 @@ def parallelize(model, args, make_meta_model, load=False):
         check_replicated_buffers(model)
         return model, model
     model.to_empty(device=args.device)
-    compute_unsaved(model) if load else model.init_weights(seed=args.seed)
-    if args.dist == "ddp" and not load:
-        check_replicated_buffers(model)
+    if load:
+        compute_unsaved(model)
+    else:
+        model.init_weights(seed=args.seed)
+    if args.dist == "ddp":
+        if not load:  # loaded buffers come from one checkpoint file, the same on every rank
+            check_replicated_buffers(model)
         # buffers (RoPE tables, the supports) are identical and never change: no per-forward broadcast
         return DistributedDataParallel(model, device_ids=[torch.device(args.device).index]
                                        if args.device.startswith("cuda") else None, broadcast_buffers=False), model
