@@ -121,8 +121,8 @@ def collect(args, do_runs):
                    for label, model, method in MODELS if best[label] for s in SEEDS]),
         ("sparse", [(("sltrain", ratio, 0), Task("sltrain", best["sltrain"], 0, args.longer, sparse_lr_ratio=ratio))
                     for ratio in (SPARSE_RATIO,) if best["sltrain"]] +
-                   [((label, None, 0), Task(method, best[label], 0, args.longer, model))
-                    for label, model, method in MODELS if best[label]]),
+                   [((label, None, 0), Task(method, best[label], 0, args.longer, model))  # sltrain first: the pair
+                    for label, model, method in sorted(MODELS, key=lambda m: m[0] != "sltrain") if best[label]]),
         ("longer", [((label, ratio, s), Task(method, best[label], s, args.longer, model, sparse_lr_ratio=ratio))
                     for label, model, method, ratio in (("sltrain", "tiny", "sltrain", None),
                                                         ("sltrain", "tiny", "sltrain", SPARSE_RATIO),
