@@ -230,8 +230,8 @@ def nonfinite_flags(grads):
     bad = [(~_local(g).isfinite().all()).float() for g in grads]
     groups = {}
     for i, g in enumerate(grads):
-        if hasattr(g, "device_mesh"):
-            groups.setdefault(g.device_mesh.get_group(), []).append(i)
+        if hasattr(g, "device_mesh"):  # the shards' group (HSDP: a copy's; its copies hold the same gradient)
+            groups.setdefault(g.device_mesh.get_group(g.device_mesh.ndim - 1), []).append(i)
     for group, index in groups.items():
         flags = torch.stack([bad[i] for i in index])
         torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=group)

@@ -101,10 +101,10 @@ def build_optimizer(model, args):
         # every micro-step's backward calls the hook. FSDP2's units (run/parallel.parallelize: each block,
         # then the root) reconcile their non-finite flags once each.
         units = None
-        if args.dist == "fsdp":
+        if args.dist in parallel.SHARDED:
             units = [[n for n, _ in named if n.startswith(f"blocks.{i}.")] for i in range(len(model.blocks))]
             units.append([n for n, _ in named if not n.startswith("blocks.")])
-        optimizer = PerLayerOptimizer(named, make, grad_accum_steps=1 if args.dist == "fsdp" else args.grad_accum,
+        optimizer = PerLayerOptimizer(named, make, grad_accum_steps=1 if args.dist in parallel.SHARDED else args.grad_accum,
                                       units=units)
     else:
         optimizer = make([p for p in model.parameters() if p.requires_grad])
@@ -207,8 +207,9 @@ def main(argv=None):
         if error is None and not args.no_memory_check:
             error = memory.check_memory(args, meta_model)
         parallel.exit_together(error, args.device)  # some ranks may fail alone: all exit, none hangs
+        layout = args.dist + (f": {world // args.shard_size} copies of {args.shard_size}" if args.dist == "hsdp" else "")
         say(f"{args.model} {args.method}: {parameters(args, meta_model)} | {args.device}"
-            f"{'' if world == 1 else f' x {world} ranks ({args.dist})'} | {args.param_dtype} weights, {args.dtype} "
+            f"{'' if world == 1 else f' x {world} ranks ({layout})'} | {args.param_dtype} weights, {args.dtype} "
             f"compute | {args.optimizer}{' per-layer' * args.per_layer}")
         session.cpu_note(args, meta_model, world, say)  # a GPU-sized recipe on a CPU: how long a step will take
         model, raw_model = parallel.parallelize(meta_model, args, lambda: build_model(args, args.vocab_size),

@@ -1,6 +1,6 @@
 """
 The run around the step: flags and their checks, the run folder (checkpoints, the log, the lock, resume,
-consolidation), ranks (DDP, FSDP2), the memory plan and check, signals, and the tokenizer files an export
+consolidation), ranks (DDP, FSDP2, HSDP), the memory plan and check, signals, and the tokenizer files an export
 writes. You need none of this to understand SLTrain: the core (model.py, sltrain.py, kernels.py, optim.py,
 train.py, data/loader.py) is the method; this folder is what makes a run of it safe to start, stop and
 continue. Nothing in the core imports it but train.py.

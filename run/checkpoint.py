@@ -5,6 +5,7 @@ and loading a finished run's model and tokenizer. train.py writes; sample.py, ev
 A folder holds log.jsonl (one JSON record per line: the config first, then train/eval records) and
   ckpt.pt                           one process or DDP: {model, optimizer, step, config, build, data_meta, rng}
   latest-sharded -> sharded-<step>/rank<r>-of-<N>.pt   FSDP2: one such file per rank, its shards as DTensors
+                                    (HSDP: per rank of the first copy, N = --shard-size; every copy loads them)
   model.pt                          a sharded checkpoint gathered into one file by:
     torchrun --nproc_per_node=N -m run.checkpoint --out-dir RUN      (from the repository's folder)
 `build` rebuilds the model (model.build_model): the model config (model.py) and the SL settings (sltrain.py). Every file is
@@ -36,8 +37,8 @@ from run import parallel
 # --resume continues a run exactly; these must equal the checkpoint's (run/flags.RESUME_HELP)
 MODEL_KEYS = ("model", "method", "rank", "delta", "alpha", "vocab_size", "seq_len", "seed")
 RUN_KEYS = ("param_dtype", "dtype", "batch_size", "grad_accum", "world_size", "optimizer", "per_layer", "dist",
-            "sparse_lr_ratio")
-SAVED_BEFORE = dict(sparse_lr_ratio=1.0)  # what a checkpoint written before a key existed ran with
+            "shard_size", "sparse_lr_ratio")
+SAVED_BEFORE = dict(sparse_lr_ratio=1.0, shard_size=None)  # what a checkpoint written before a key existed ran with
 SCHEDULE_KEYS = ("lr", "max_steps", "warmup", "grad_clip")  # these may change: the schedule changes
 
 
@@ -59,17 +60,20 @@ def remove_stale(out_dir):
 
 
 def save_sharded(out_dir, state, step):
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """Each rank of the first copy writes its shard file (FSDP2 has one copy; HSDP's others hold the same)."""
+    rank = dist.get_rank()
+    replica, shard, _, shards = parallel.shard_of_rank()
     final = os.path.join(out_dir, f"sharded-{step}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    with open(os.path.join(tmp, f"rank{rank}-of-{world}.pt"), "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    if replica == 0:
+        with open(os.path.join(tmp, f"rank{shard}-of-{shards}.pt"), "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
     dist.barrier()
     if rank == 0:
         fsync_dir(tmp)  # every rank's file entry is on disk
@@ -90,7 +94,8 @@ def save(args, model, optimizer, step, build, meta):
                  build=build, data_meta=meta,  # the step and config fix the data position and the model
                  rng=dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                           cuda=torch.cuda.get_rng_state(args.device) if args.device.startswith("cuda") else None))
-    if args.dist == "fsdp":
+    if args.dist in parallel.SHARDED:
+        parallel.check_replicas(model)  # HSDP saves one copy: the others must equal it
         return save_sharded(args.out_dir, state, step)
     if parallel.is_rank0():
         atomic_write(os.path.join(args.out_dir, "ckpt.pt"), lambda f: torch.save(state, f))
@@ -148,15 +153,17 @@ def has_checkpoint(out_dir):
 
 
 def sharded_path(out_dir):
-    """This rank's file of the newest sharded checkpoint (rank<r>-of-<N>.pt: only its world size resumes), or None."""
+    """This rank's file of the newest sharded checkpoint (rank<s>-of-<N>.pt, s its shard: only the layout that
+    wrote it resumes), or None."""
     pointer = os.path.join(out_dir, "latest-sharded")
     if not os.path.exists(pointer):
         return None
-    return os.path.join(out_dir, open(pointer).read().strip(), f"rank{dist.get_rank()}-of-{dist.get_world_size()}.pt")
+    _, shard, _, shards = parallel.shard_of_rank()
+    return os.path.join(out_dir, open(pointer).read().strip(), f"rank{shard}-of-{shards}.pt")
 
 
 def checkpoint_path(args):
-    if args.dist == "fsdp":
+    if args.dist in parallel.SHARDED:
         return sharded_path(args.out_dir) or os.path.join(args.out_dir, "latest-sharded")
     return os.path.join(args.out_dir, "ckpt.pt")
 
@@ -180,8 +187,12 @@ def resume(args, model, optimizer, meta):
                  f"the run to continue (a sharded checkpoint resumes only on the number of ranks that wrote it).")
     else:
         try:  # to the CPU, so the device never holds the checkpoint beside the state it loads into;
-            # FSDP2's DTensors load where their device mesh lives (each rank holds 1/N anyway)
-            state = torch.load(path, map_location=args.device if args.dist == "fsdp" else "cpu", weights_only=False)
+            # FSDP2's DTensors load where their device mesh lives (each rank holds 1/N anyway). HSDP's other
+            # copies read the first copy's files, whose pickled meshes are this rank's mesh too; torch warns
+            # that such a mesh lacks its groups, which matters only to torch.compile: silenced
+            logging.getLogger("torch.distributed.device_mesh").setLevel(logging.ERROR)
+            state = torch.load(path, map_location=args.device if args.dist in parallel.SHARDED else "cpu",
+                               weights_only=False)
         except Exception as e:
             error = (f"the checkpoint {path} is unreadable ({type(e).__name__}: {e}). It is corrupt or truncated: "
                      f"restore a copy, or move it away and start fresh without --resume.")
@@ -261,7 +272,7 @@ def read_sharded(out_dir, pointer):
         if not isinstance(vs[0], DTensor):
             full[k] = vs[0]
             continue
-        placement = vs[0].placements[0]
+        placement = vs[0].placements[-1]  # HSDP: (Replicate(), Shard(0)) on its (copies, shards) mesh
         if isinstance(placement, Shard):
             full[k] = torch.cat([v.to_local() for v in vs], dim=placement.dim)
         else:  # replicated: every rank holds all of it
@@ -352,9 +363,10 @@ def consolidate(out_dir, model, state):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m run.checkpoint", description=(
         "Gather a run's FSDP2 checkpoint (one shard file per rank) into one <out-dir>/model.pt that sample.py, eval.py\n"
-        "and export.py read. Run it from the repository's folder, with as many ranks as wrote the shards."),
+        "and export.py read. Run it from the repository's folder, with as many ranks as trained the run\n"
+        "(FSDP2: one per shard file; HSDP: every copy's ranks, as in training)."),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", required=True, help="the folder of a run trained with --dist fsdp")
+    p.add_argument("--out-dir", required=True, help="the folder of a run trained with --dist fsdp or hsdp")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line: no usage block
     args = p.parse_args(argv)
@@ -362,11 +374,22 @@ def main(argv=None):
         p.error(f"--out-dir {args.out_dir}: holds no sharded checkpoint (latest-sharded): nothing to gather")
     if "LOCAL_RANK" not in os.environ:
         p.error("runs under torchrun, one rank per shard file: torchrun --nproc_per_node=N -m run.checkpoint --out-dir RUN")
-    run = argparse.Namespace(dist="fsdp", device=args.device, activation_checkpointing=False, compile=False, seed=0)
-    parallel.setup(run)  # torchrun's process group, one rank per shard file (the weights are loaded below)
+    log = os.path.join(args.out_dir, "log.jsonl")
+    configs = [r for r in read_log(log) if r.get("type") == "config"] if os.path.exists(log) else []
+    trained = configs[-1] if configs else {}  # the layout that wrote the shards (no log: FSDP2 on every rank)
+    dist_mode = "hsdp" if trained.get("dist") == "hsdp" else "fsdp"
+    shard_size = trained.get("shard_size")
+    world, trained_world = int(os.environ.get("WORLD_SIZE", "1")), trained.get("world_size")
+    if dist_mode == "hsdp" and world != trained_world:
+        p.error(f"--out-dir {args.out_dir} was trained with --dist hsdp on {trained_world} ranks ({shard_size} per "
+                f"copy): gather it on as many, torchrun --nproc_per_node=... -m run.checkpoint (now {world})")
+    run = argparse.Namespace(dist=dist_mode, shard_size=shard_size, device=args.device, activation_checkpointing=False,
+                             compile=False, seed=0)
+    parallel.setup(run)  # torchrun's process group, the mesh that wrote the shards (the weights are loaded below)
     path = sharded_path(args.out_dir)
     parallel.exit_together(None if os.path.exists(path) else f"{path} is missing: the sharded checkpoint is "
                            f"incomplete, or it was written by another number of ranks", run.device)
+    logging.getLogger("torch.distributed.device_mesh").setLevel(logging.ERROR)  # as in resume()
     state = torch.load(path, map_location=run.device, weights_only=False)
     model, _ = parallel.parallelize(build_model(**state["build"]), run, lambda: build_model(**state["build"]), load=True)
     model.load_state_dict(state.pop("model"))

@@ -22,14 +22,14 @@ RESUME_HELP = """
 --resume continues the checkpoint's run exactly. It is refused, listing every difference, when the model
 (--model --method --rank --delta --alpha --vocab-size --seq-len --seed), the numerics (--param-dtype --dtype),
 the batches (--batch-size --grad-accum, the number of ranks), the optimizer state (--optimizer --per-layer
---dist --sparse-lr-ratio) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup
+--dist --shard-size --sparse-lr-ratio) or the data (its meta.json) differ. These may change: --max-steps --lr --warmup
 --grad-clip (a note says the schedule changes; left out, --lr is the run's own), --log-every --eval-every --eval-tokens
 --stop-at-step --activation-checkpointing --compile, the --data path (the same meta.json elsewhere is the
 same data) and --device (another kind of device continues the run, but not bit for bit: its kernels and random
 streams differ).
 """
 INT_FLAGS = ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_every", "eval_tokens", "log_every", "gpus",
-             "vocab_size", "stop_at_step")  # each >= 1 when given
+             "vocab_size", "stop_at_step", "shard_size")  # each >= 1 when given
 
 
 DESCRIPTION = """Pretrain a LLaMA whose block linears are SLTrain (sparse + low-rank), low-rank or full layers.
@@ -97,8 +97,11 @@ def parse_args(argv, recipes):
                    help="torch AdamW, or AdamW with 8-bit group-wise quantized moments (optim.py)")
     p.add_argument("--per-layer", action="store_true", help="step each parameter inside backward and free its "
                    "gradient at once (optim.PerLayerOptimizer); no full gradient buffer")
-    p.add_argument("--dist", choices=["none", "ddp", "fsdp"], help="parallelism (default: none; under torchrun "
-                   "ddp, or fsdp for 1b and 7b)")
+    p.add_argument("--dist", choices=["none", "ddp", "fsdp", "hsdp"], help="parallelism (default: none; under "
+                   "torchrun ddp, or fsdp for 1b and 7b); hsdp: fsdp within each group of --shard-size ranks, "
+                   "the groups replicas (docs/scaling.md)")
+    p.add_argument("--shard-size", type=int, help="--dist hsdp: ranks that shard one copy of the model (default: "
+                   "the ranks per node, LOCAL_WORLD_SIZE); it divides the number of ranks")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--no-memory-check", action="store_true", help="start even when the memory plan (--dry-run) "
@@ -135,6 +138,12 @@ def validate(p, args, recipes):
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     world = args.gpus if args.dry_run and args.gpus else args.world_size  # a dry run plans for --gpus processes
     args.dist = args.dist or parallel.default_dist(world, args.model)
+    if args.shard_size and args.dist != "hsdp":
+        p.error(f"--shard-size with --dist {args.dist}: only --dist hsdp shards within groups of ranks")
+    if args.dist == "hsdp":  # a dry run without torchrun plans nodes of 8 GPUs
+        args.shard_size = args.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", min(world, 8)))
+        if world % args.shard_size:
+            p.error(f"--shard-size {args.shard_size}: must divide the number of ranks, {world} (copies x shard size)")
     args.rank = cfg.rank if args.rank is None else args.rank
     args.delta = cfg.delta if args.delta is None else args.delta
     args.alpha = cfg.alpha if args.alpha is None else args.alpha
@@ -174,7 +183,7 @@ def validate(p, args, recipes):
             (0 <= args.seed < 2**32, f"--seed {args.seed}", "must be in [0, 2**32)"),
             (args.device in devices(), f"--device {args.device}", f"must be one of: {', '.join(devices())}"),
             (not per_layer, "--grad-clip with --per-layer" if args.grad_clip > 0 else "--per-layer under DDP",
-             f"{per_layer}: {'drop one' if args.grad_clip > 0 else 'use --dist fsdp'}")):
+             f"{per_layer}: {'drop one' if args.grad_clip > 0 else 'use --dist fsdp or hsdp'}")):
         if not ok:
             p.error(f"{flag}: {rule}")
     return args

@@ -48,19 +48,21 @@ def paper_estimate(model):
 # the plan (--dry-run): the bytes one GPU holds, counted without allocating anything
 
 
-def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, gpus, layouts):
+def model_state_bytes(model, optimizer, per_layer, grad_accum, dist, shards, layouts):
     """Bytes one GPU holds for the weights, gradients, optimizer state and buffers of a meta model
-    (its parameters in the run's --param-dtype). FSDP2 divides the first three by the GPUs; buffers
+    (its parameters in the run's --param-dtype). FSDP2 divides the first three by the GPUs that shard
+    one copy (`shards`: every GPU, or HSDP's --shard-size); buffers
     (support indices, RoPE tables) are on every GPU, and with `layouts` (builds_layouts) the kernels'
     SupportLayout of each support, int32: col_order (nnz,), row_ptr (out+1,), col_ptr (in+1,)."""
     params = list(model.parameters())
-    n = gpus if dist == "fsdp" else 1
+    sharded = dist in ("fsdp", "hsdp")
+    n = shards if sharded else 1
     width = params[0].element_size()  # 4 or 2 bytes per weight and per gradient
     total = sum(p.numel() for p in params)
-    if dist == "fsdp" and grad_accum > 1:
+    if sharded and grad_accum > 1:
         # FSDP2 keeps each gradient unsharded, fp32, on every GPU until the last micro-step's reduce-scatter
         grads = 4 * total + (0 if per_layer else width * total / n)
-    elif per_layer and (grad_accum == 1 or dist == "fsdp"):
+    elif per_layer and (grad_accum == 1 or sharded):
         grads = width * max(p.numel() for p in params) / n  # each gradient is freed by its own update
     else:  # all of them, accumulated over the micro-steps (per-layer steps on the last one)
         grads = width * total * (2 if dist == "ddp" else 1) / n  # DDP copies them into all-reduce buckets
@@ -140,10 +142,15 @@ def activation_bytes(model, batch_size, seq_len, dtype):
                 recompute=max(count(b - state) for b in blocks))
 
 
+def shard_gpus(args):
+    """The GPUs that shard one copy of the model: all of them (FSDP2), --shard-size (HSDP), else 1."""
+    return args.gpus if args.dist == "fsdp" else args.shard_size if args.dist == "hsdp" else 1
+
+
 def memory_plan(args, model):
     """Bytes one GPU holds in this run: weights, gradients, optimizer state, buffers, activations of one
     micro-batch and (with --activation-checkpointing) one recomputed block, for the run's meta model."""
-    plan = model_state_bytes(model, args.optimizer, args.per_layer, args.grad_accum, args.dist, args.gpus,
+    plan = model_state_bytes(model, args.optimizer, args.per_layer, args.grad_accum, args.dist, shard_gpus(args),
                              builds_layouts(args, model))
     acts = activation_bytes(model, args.batch_size, args.seq_len, getattr(torch, args.dtype))
     ckpt = args.activation_checkpointing
@@ -163,9 +170,10 @@ def memory_report(args, model, build, recipe_tokens, recipe_lr):
     print(f"\nmemory per GPU, planned: {args.param_dtype} weights, {args.dtype} compute, {args.optimizer}"
           f"{' per-layer' if args.per_layer else ''}, {args.grad_accum} micro-step(s) of {args.batch_size} x "
           f"{args.seq_len} tokens{', activation checkpointing' if args.activation_checkpointing else ''}, "
-          f"--dist {args.dist} on {args.gpus} GPU(s)")
+          f"--dist {args.dist} on {args.gpus} GPU(s)" + (f", {args.gpus // args.shard_size} copies of "
+                                                             f"{args.shard_size}" if args.dist == "hsdp" else ""))
     accumulating = args.grad_accum > 1
-    notes = dict(gradients="unsharded fp32 while FSDP2 accumulates" if args.dist == "fsdp" and accumulating else
+    notes = dict(gradients="unsharded fp32 while FSDP2 accumulates" if args.dist in ("fsdp", "hsdp") and accumulating else
                  "kept between micro-steps: per-layer steps on the last" if args.per_layer and accumulating else
                  "one tensor's at a time (per-layer)" if args.per_layer else
                  "and DDP's all-reduce buckets" if args.dist == "ddp" else "",
@@ -178,7 +186,8 @@ def memory_report(args, model, build, recipe_tokens, recipe_lr):
     for label, method, optimizer, per_layer in (("full + AdamW", "full", "adamw", False),
                                                 ("sltrain + AdamW8bit", "sltrain", "adamw8bit", False),
                                                 ("sltrain + AdamW8bit + per-layer", "sltrain", "adamw8bit", True)):
-        states = model_state_bytes(build(method), optimizer, per_layer, args.grad_accum, args.dist, args.gpus, layouts)
+        states = model_state_bytes(build(method), optimizer, per_layer, args.grad_accum, args.dist, shard_gpus(args),
+                                   layouts)
         setups[label] = sum(states.values())
     print("\nmodel states per GPU (weights, gradients, optimizer state, buffers) of the paper's 7b comparison, "
           "with this run's dtype, micro-steps and GPUs:")

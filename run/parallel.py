@@ -4,12 +4,17 @@ optim.py stay single-device code that happens to work sharded.
 
     torchrun --nproc_per_node=8 train.py --model 350m --dist ddp     # replicas + gradient all-reduce
     torchrun --nproc_per_node=8 train.py --model 7b --dist fsdp      # FSDP2: every block sharded
+    torchrun --nnodes=4 --nproc_per_node=8 ... --dist hsdp            # shard in a node, replicate across
 
 DDP keeps a full replica per GPU. FSDP2 (`fully_shard` on each block, then the root) keeps 1/N of
 every parameter, gradient and optimizer state per GPU, all-gathers a block's weights (in bf16)
 just before it runs and reduce-scatters its gradients (in fp32) right after. SLTrain's A, B and
 values shard like any parameter; the support `indices` are buffers, so every rank holds all of
 them, drawn from the same per-layer seed.
+
+HSDP is FSDP2 on a 2-D mesh (replicas x shard group): each group of --shard-size ranks (default: one
+node's, LOCAL_WORLD_SIZE) holds one sharded copy, so the all-gathers and reduce-scatters stay inside a
+node, and only the gradient shards are all-reduced across the copies (one per node), not every weight.
 
 Checkpoints, sharded ones included, live in run/checkpoint.py; the memory plan in run/memory.py.
 """
@@ -19,12 +24,16 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from model import Rotary, init_module
+
+SHARDED = ("fsdp", "hsdp")  # the --dist modes whose checkpoints are one file per shard
+_MESH = None  # HSDP's (replicate, shard) device mesh; FSDP2 uses its default, every rank in one shard group
 
 
 def default_dist(world, model):
@@ -46,7 +55,20 @@ def setup(args):
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if args.dist == "hsdp":
+        global _MESH
+        _MESH = init_device_mesh(torch.device(args.device).type, (world // args.shard_size, args.shard_size),
+                                 mesh_dim_names=("replicate", "shard"))
     return dist.get_rank(), dist.get_world_size()
+
+
+def shard_of_rank():
+    """(replica, shard, replicas, shards) of this rank: which copy it is in and which shard of it it holds.
+    FSDP2: one copy of world shards; HSDP: the mesh's coordinate."""
+    if _MESH is not None:
+        (replica, shard), (replicas, shards) = _MESH.get_coordinate(), _MESH.shape
+        return replica, shard, replicas, shards
+    return 0, dist.get_rank(), 1, dist.get_world_size()
 
 
 def teardown(args):
@@ -91,7 +113,7 @@ def parallelize(model, args, make_meta_model, load=False):
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
         if args.compile:
             block.compile()
-    if args.dist == "fsdp":
+    if args.dist in SHARDED:
         # Weights are all-gathered as stored (--param-dtype) and bf16 compute comes from train.py's
         # autocast, exactly as in one process and DDP. A bf16 param_dtype here would also cast every
         # block's input, making the residual stream bf16 under FSDP2 only (another model: the losses
@@ -99,14 +121,15 @@ def parallelize(model, args, make_meta_model, load=False):
         # bytes, which --param-dtype bfloat16 (the paper's recipe) halves again. Gradients reduce in fp32.
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=_MESH, mp_policy=mp)
+        fully_shard(model, mesh=_MESH, mp_policy=mp)
         model.to_empty(device=args.device)
         if load:
             compute_unsaved(model)
             return model, model  # the supports come from the rank files, all written from the same buffers
         init_sharded(model, make_meta_model(), args.seed, args.device)
         check_replicated_buffers(model)
+        check_replicas(model)
         return model, model
     model.to_empty(device=args.device)
     if load:
@@ -166,9 +189,31 @@ def check_replicated_buffers(model):
                                f"(same --seed, same code)")
 
 
+@torch.no_grad()
+def check_replicas(model):
+    """HSDP: every copy must hold the same shards (only the first copy's are saved). They start equal and get
+    equal gradients, so they stay equal only if every update is the same on every copy: stochastic rounding
+    draws per shard, never per rank (optim.shard_rank). Compares checksums across the copies; run at init
+    and at every checkpoint."""
+    if _MESH is None or _MESH.shape[0] == 1:
+        return
+    names, sums = [], []
+    for name, p in model.named_parameters():
+        local = p.to_local().double().flatten()
+        names.append(name)
+        sums += [local.sum(), (local * torch.arange(local.numel(), device=local.device, dtype=torch.float64)).sum()]
+    lo, hi = torch.stack(sums), torch.stack(sums)  # two collectives for the whole model
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=_MESH.get_group("replicate"))
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=_MESH.get_group("replicate"))
+    differ = [name for i, name in enumerate(names) if not torch.equal(lo[2 * i:2 * i + 2], hi[2 * i:2 * i + 2])]
+    if differ:
+        raise RuntimeError(f"HSDP copies of {differ[0]} (and {len(differ) - 1} more) differ: the replicas of a "
+                           f"shard must update alike (stochastic rounding seeded by the shard, not the rank)")
+
+
 def no_sync(model, args, last_micro_step):
     """Skip the gradient all-reduce / reduce-scatter on all but the last micro-step."""
-    if args.dist == "fsdp":
+    if args.dist in SHARDED:
         model.set_requires_gradient_sync(last_micro_step)
     elif args.dist == "ddp" and not last_micro_step:
         return model.no_sync()

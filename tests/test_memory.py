@@ -213,3 +213,16 @@ def test_forced_routes_decide_the_support_layout_on_any_device(monkeypatch):
     args = train.get_args(SEVEN_B + ["--batch-size", "1", "--eval-tokens", "8192", "--dry-run"])
     monkeypatch.setattr(sltrain, "ROUTE", "dense")
     assert not memory.builds_layouts(args, model)
+
+
+def test_hsdp_plans_one_copy_per_shard_group():
+    """HSDP shards each copy over its --shard-size GPUs: 16 GPUs in 2 copies of 8 hold 1/8 of the weights each
+    (2 bytes x parameters / 8), FSDP2 over all 16 holds 1/16; a dry run without torchrun plans nodes of 8."""
+    flags = [*SEVEN_B, "--dry-run", "--gpus", "16", "--batch-size", "1"]
+    for dist, shards in (("hsdp", 8), ("fsdp", 16)):
+        args = train.get_args([*flags, "--dist", dist])
+        model = train.build_model(args, 32000)
+        n = sum(p.numel() for p in model.parameters())
+        assert memory.memory_plan(args, model)["weights"] == 2 * n / shards, dist
+    assert train.get_args([*flags, "--dist", "hsdp"]).shard_size == 8
+    assert train.get_args([*flags, "--dist", "hsdp", "--shard-size", "4"]).shard_size == 4

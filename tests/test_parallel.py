@@ -21,11 +21,11 @@ COMMON = ["--model", "tiny", "--seq-len", "64", "--eval-tokens", "2048", "--log-
           "--eval-every", "2", "--grad-accum", "2", "--device", "cpu", "--lr", "3e-3"]
 
 
-def torchrun(*args, script="train.py", **env):
-    """2 gloo ranks of a script (a path in the repository) or a module (-m, e.g. run.checkpoint)."""
+def torchrun(*args, script="train.py", nproc=2, **env):
+    """nproc gloo ranks of a script (a path in the repository) or a module (-m, e.g. run.checkpoint)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     target = [os.path.join(ROOT, script)] if script.endswith(".py") else ["-m", script]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
     return result
 
@@ -244,3 +244,62 @@ def test_two_nodes_are_two_ranks(data_dir, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     assert losses(tmp_path / "two-nodes") == losses(tmp_path / "one-node")
     assert "cpu x 2 ranks (ddp)" in outputs[0]  # rank 0 speaks for both nodes
+
+
+def test_hsdp_two_copies_of_two_shards_is_ddp_and_resumes(data_dir, tmp_path):
+    """--dist hsdp on 4 ranks, 2 copies x 2 shards: each copy reduce-scatters its ranks' gradients and the
+    copies all-reduce theirs, the global batch's mean gradient as DDP's all-reduce, so the losses equal
+    DDP's on 4 ranks (to rounding). Split at step 2 and resumed: both copies read the first copy's files.
+    The shards gather (run.checkpoint, 4 ranks) and join (load_model, one process) into DDP's weights."""
+    from run.checkpoint import load_model
+    flags = [*COMMON, "--batch-size", "1", "--data", data_dir]
+    ddp = torchrun(*flags, "--dist", "ddp", "--out-dir", str(tmp_path / "ddp"), nproc=4)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    hsdp = [*flags, "--dist", "hsdp", "--shard-size", "2", "--out-dir", str(tmp_path / "hsdp")]
+    first = torchrun(*hsdp, "--stop-at-step", "2", nproc=4)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "cpu x 4 ranks (hsdp: 2 copies of 2)" in first.stdout
+    files = sorted(os.listdir(tmp_path / "hsdp" / "sharded-2"))
+    assert files == ["rank0-of-2.pt", "rank1-of-2.pt"], files  # one copy's shards, not every rank's
+    second = torchrun(*hsdp, "--resume", nproc=4)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert_close(losses(tmp_path / "hsdp")[0], losses(tmp_path / "ddp")[0])
+    assert_close(losses(tmp_path / "hsdp")[1], losses(tmp_path / "ddp")[1])
+
+    ref = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)["model"]
+    joined = load_model(str(tmp_path / "hsdp")).state_dict()  # read_sharded: the first copy's files
+    short = torchrun("--out-dir", str(tmp_path / "hsdp"), "--device", "cpu", script="run.checkpoint")
+    assert short.returncode != 0 and "trained with --dist hsdp on 4 ranks" in short.stderr
+    merged = torchrun("--out-dir", str(tmp_path / "hsdp"), "--device", "cpu", script="run.checkpoint", nproc=4)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    gathered = torch.load(tmp_path / "hsdp" / "model.pt", weights_only=False)["model"]
+    for k in ref:
+        for state in (joined, gathered):
+            if k.endswith("indices"):
+                assert torch.equal(state[k], ref[k]), k
+            else:
+                torch.testing.assert_close(state[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_hsdp_copies_round_alike_and_shards_apart(data_dir, tmp_path):
+    """Per-layer AdamW8bit on bf16 weights under HSDP (2 copies x 2 shards): stochastic rounding seeds by the
+    shard, so the copies of a shard stay bitwise equal (checked at every checkpoint, run/parallel.check_replicas:
+    a copy that drifted would be lost, as only the first is saved) while the shards draw their own noise."""
+    flags = [*COMMON, "--batch-size", "1", "--data", data_dir, "--dist", "hsdp", "--shard-size", "2",
+             "--param-dtype", "bfloat16", "--optimizer", "adamw8bit", "--per-layer", "--lr", "1e-3"]
+    r = torchrun(*flags, "--out-dir", str(tmp_path), nproc=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(losses(tmp_path)[1]) == [2, 4]
+
+
+def test_hsdp_shard_size_must_divide_the_ranks(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    for flags, message in ((["--dist", "hsdp", "--shard-size", "4"], "must divide the number of ranks, 6"),
+                           (["--dist", "fsdp", "--shard-size", "3"], "only --dist hsdp shards")):
+        with pytest.raises(SystemExit):
+            train.get_args(flags)
+        err = capsys.readouterr().err
+        assert err.startswith("error: --shard-size") and message in err and len(err.splitlines()) == 1, err
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train.get_args(["--dist", "hsdp"]).shard_size == 4  # one node's ranks
