@@ -3,7 +3,8 @@ The evidence at its horizon: every model's lr checked at 2,400 steps, 3 seeds at
 under the eval that reads windows across the whole val split. Tiny model, offline data, CPU, as study.py.
 
     python benchmarks/horizon.py             # every run below, in priority order: queued, resumed, skipped when done
-    python benchmarks/horizon.py --plot      # the tables and PNGs from the committed logs only
+    python benchmarks/horizon.py --plot      # the tables and PNGs from the committed logs only, and the
+                                             # README's headline table (its `horizon.py: headline` block)
 
 1. lr at the horizon: tiny full, lowrank, sltrain and tiny-narrow (full) at their 400-step best lr (the
    committed sweeps in benchmarks/results/study/ and dense/) and one rung either side, seed 0, --steps steps.
@@ -18,13 +19,15 @@ Logs go to benchmarks/results/horizon/ (study.run: a finished log there is skipp
 out-dir under --runs copied). Each log's config records the commit it ran at and what its evals read.
 """
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
 import time
 
 import study
-from study import LADDER, ROOT, Task, ci95, final_val, read_log, run_all, verdict
+from study import LADDER, ROOT, Task, ci95, ci_text, final_val, read_log, run_all, verdict
 
 # (label, model, method): the four models compared; tiny-narrow is the dense model of tiny sltrain's size
 MODELS = (("full", "tiny", "full"), ("lowrank", "tiny", "lowrank"), ("sltrain", "tiny", "sltrain"),
@@ -155,6 +158,13 @@ def evals(records):
     return {r["step"]: r["val_loss"] for r in records if r.get("type") == "eval"}
 
 
+def memory_mb(model, method):
+    """The paper's memory estimate of a tiny model (train.py --dry-run), in MB."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--method", method,
+                          "--dry-run", *study.VOCAB], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["est_memory_bytes"] / 1e6
+
+
 def fmt(v, digits=4):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -269,6 +279,39 @@ def report(args, out):
     return text
 
 
+def headline(args, out, memory_mb):
+    """The README's result: each model's three seeds at --steps steps at its --steps best lr (val and train-batch
+    loss, mean +- sd), its memory, and the paired differences with their 95% CIs. memory_mb(model, method) -> MB."""
+    lines = [f"Eval: {eval_set(next(r for r in out['seeds'].values() if r))}.", "",
+             f"| {args.steps:,} steps ({args.steps * 4096 / 1e6:.1f}M tokens) | lr | val loss, seeds "
+             f"{' / '.join(map(str, SEEDS))} | val mean +- sd | train-batch mean +- sd | memory (`--dry-run`) |",
+             "|---|---|---|---|---|---|"]
+    runs = {label: {s: out["seeds"][(label, s)] for s in SEEDS if out["seeds"].get((label, s))}
+            for label, _, _ in MODELS}
+    for label, model, method in MODELS:
+        if not runs[label]:
+            continue
+        val = [final_val(r, args.steps) for r in runs[label].values()]
+        batch = [train_batch_loss(r, args.steps) for r in runs[label].values()]
+        v, t = ci95(val), ci95(batch)
+        lines.append(f"| {label} | {out['best'][label]:g} | {' / '.join(fmt(x) for x in val)} | "
+                     f"**{fmt(v[0])} +- {fmt(v[1])}** | {fmt(t[0])} +- {fmt(t[1])} | {memory_mb(model, method):.2f} MB |")
+    lines.append("")
+    for a, b in (("sltrain", "full"), ("sltrain", "lowrank"), ("sltrain", "tiny-narrow")):
+        val, batch = (paired(runs[a], runs[b], args.steps, m) for m in (final_val, train_batch_loss))
+        if len(val) > 1:
+            lines.append(f"- {a} - {b}, paired by seed: val loss {ci_text([d for _, d in val])}; train-batch loss "
+                         f"{ci_text([d for _, d in batch])}")
+    both = [s for s in SEEDS if all(s in runs[m] for m in ("full", "lowrank", "sltrain"))]
+    if len(both) > 1:
+        closed = [(final_val(runs["lowrank"][s], args.steps) - final_val(runs["sltrain"][s], args.steps)) /
+                  (final_val(runs["lowrank"][s], args.steps) - final_val(runs["full"][s], args.steps)) for s in both]
+        mean, sd, low, high = ci95(closed)
+        lines.append(f"- the share of the lowrank -> full gap (val loss) sltrain closes: {mean:.2f} +- {sd:.2f}, "
+                     f"95% CI [{low:.2f}, {high:.2f}]")
+    return "\n".join(lines) + "\n"
+
+
 def plot(args, out):
     plt = study.pyplot()
     if plt is None:
@@ -319,6 +362,10 @@ def main(argv=None):
     args, t0 = get_args(argv), time.time()
     out = study.collected(collect, args)  # a run that failed: one error line
     print(report(args, out))
+    if (args.results == os.path.join(ROOT, "benchmarks", "results", "horizon") and all(out["best"].values()) and
+            all(out["seeds"].get((label, s)) for label, _, _ in MODELS for s in SEEDS) and study.write_block(
+            os.path.join(ROOT, "README.md"), "horizon.py: headline", headline(args, out, memory_mb))):
+        print("wrote the README's headline table")
     plot(args, out)
     print(f"horizon: {(time.time() - t0) / 60:.1f} min")
 

@@ -346,31 +346,6 @@ def write_block(path, name, text):
     return True
 
 
-def headline(args, seeds, finals):
-    """The README's result: each method's seeds, mean +- sd and memory, the paired differences with 95% CIs."""
-    lines = [f"Eval: {eval_named(sweep_records(args))}.", "",
-             f"| {args.seed_steps:,} steps at the best lr | lr | " + " | ".join(f"seed {s}" for s in SEEDS) +
-             " | mean +- sd | memory (`--dry-run`) |", "|---|---|" + "---|" * len(SEEDS) + "---|---|"]
-    for m in METHODS:
-        if m not in finals:
-            continue
-        vals = finals[m]
-        stats = mean_sd(list(vals.values()))
-        lines.append(f"| {m} | {seeds[m][0]:g} | " + " | ".join(f"{vals[s]:.4f}" if s in vals else "-" for s in SEEDS)
-                     + " | " + (f"**{stats[0]:.4f} +- {stats[1]:.4f}**" if stats else "-") +
-                     f" | {memory_gb(m) * 1e3:.2f} MB |")
-    both = [s for s in SEEDS if all(s in finals.get(m, {}) for m in METHODS)]
-    if both:
-        lines.append("")
-        for a, b in (("sltrain", "full"), ("sltrain", "lowrank")):
-            lines.append(f"- {a} - {b}, paired by seed: {ci_text([finals[a][s] - finals[b][s] for s in both])}")
-        closed = [(finals["lowrank"][s] - finals["sltrain"][s]) / (finals["lowrank"][s] - finals["full"][s]) for s in both]
-        mean, sd, low, high = ci95(closed)
-        lines.append(f"- the share of the lowrank -> full gap sltrain closes: {mean:.2f} +- {sd:.2f}, 95% CI "
-                     f"[{low:.2f}, {high:.2f}]")
-    return "\n".join(lines) + "\n"
-
-
 def pyplot():
     """matplotlib.pyplot drawing to files, or None (with a line saying so): only the plots need it."""
     try:
@@ -434,9 +409,6 @@ def main():
     t0 = time.time()
     sweep, seeds, longer = collected(collect, args)
     finals = report(args, sweep, seeds, longer)
-    if args.results == os.path.join(ROOT, "benchmarks", "results", "study") and write_block(
-            os.path.join(ROOT, "README.md"), "study.py: headline", headline(args, seeds, finals)):
-        print("wrote the README's headline table")
     plot(args, sweep, seeds, finals, longer)
     print(f"study: {(time.time() - t0) / 60:.1f} min")
 

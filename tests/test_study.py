@@ -299,3 +299,26 @@ def test_horizon_widens_a_bracket_whose_best_is_its_edge(tmp_path, monkeypatch):
     assert horizon.wider(args, results, "lowrank", "tiny", "lowrank") is None
     results["full"][1e-2] = None  # queued, not finished: no best yet, nothing further
     assert horizon.wider(args, results, "full", "tiny", "full") is None
+
+
+def test_horizon_headline_pairs_seeds_and_sizes_the_claims():
+    """The README's headline from hand-made seeds (60 steps, logged every step): sltrain 1.0, 1.1, 1.2 against
+    full 1.1, 1.3, 1.5 are differences -0.1, -0.2, -0.3: mean -0.2, sd 0.1, 95% CI -0.2 +- 4.303 x 0.1 / sqrt(3)
+    = [-0.4484, +0.0484], within noise; against lowrank 2.0, 2.1, 2.2 (-1.0 each) lower with sd 0. The gap
+    closed, (lowrank - sltrain) / (lowrank - full): 1.0 / 0.9, 1.0 / 0.8, 1.0 / 0.7."""
+    def run(val):
+        config = dict(type="config", eval_windows=8, seq_len=64, val_split_tokens=10_000, eval_share_read=0.0512)
+        train = [dict(type="train", step=s, loss=val + 0.5, loss_mean=val + 0.5, steps_in_mean=1) for s in range(1, 61)]
+        return [config, *train, dict(type="eval", step=60, val_loss=val)]
+    vals = {"full": (1.1, 1.3, 1.5), "lowrank": (2.0, 2.1, 2.2), "sltrain": (1.0, 1.1, 1.2), "tiny-narrow": (1.0, 1.1, 1.2)}
+    out = dict(best={label: 1e-2 for label in vals},
+               seeds={(label, s): run(v) for label, vs in vals.items() for s, v in zip(horizon.SEEDS, vs)})
+    text = horizon.headline(horizon.get_args(["--steps", "60"]), out, lambda model, method: 1.0)
+    assert "8 windows of 64 tokens spread over the whole val split (10,000 tokens; 5% of it read)" in text
+    assert "| full | 0.01 | 1.1000 / 1.3000 / 1.5000 | **1.3000 +- 0.2000** | 1.8000 +- 0.2000 | 1.00 MB |" in text
+    line = next(x for x in text.splitlines() if x.startswith("- sltrain - full"))
+    assert "val loss -0.2000 +- 0.1000, 95% CI [-0.4484, +0.0484], within noise" in line
+    assert "train-batch loss -0.2000 +- 0.1000" in line
+    assert "- sltrain - lowrank, paired by seed: val loss -1.0000 +- 0.0000, 95% CI [-1.0000, -1.0000], lower" in text
+    closed = [1.0 / 0.9, 1.0 / 0.8, 1.0 / 0.7]
+    assert f"sltrain closes: {sum(closed) / 3:.2f} +-" in text
