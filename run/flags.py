@@ -65,7 +65,7 @@ def parse_args(argv, recipes):
     p.add_argument("--lr", type=float, help="peak learning rate (default: per size and method; tiny: " +
                    ", ".join(f"{m} {lr:g}" for m, lr in tiny["lr"].items()) + "; 60m-7b: 3e-3)")
     p.add_argument("--sparse-lr-ratio", type=float, help="S's values train at this multiple of the lr, the "
-                   "factors A and B at the lr itself (sltrain only; default: 1)")
+                   "factors A and B at the lr itself (sltrain only, 1 for the others; default: 1)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-step (default: min(64, recipe batch); "
                    f"tiny: {tiny['batch']})")
     p.add_argument("--grad-accum", type=int, help="micro-steps per step (default: recipe batch / batch-size)")
@@ -150,7 +150,6 @@ def validate(p, args, recipes):
     args.max_steps = args.max_steps or recipe["steps"]
     args.lr_given = args.lr is not None  # without --lr, --resume keeps the run's own lr (checkpoint.resume)
     args.lr = recipe["lr"][args.method] if args.lr is None else args.lr
-    args.sparse_lr_ratio_given = args.sparse_lr_ratio is not None
     args.sparse_lr_ratio = 1.0 if args.sparse_lr_ratio is None else args.sparse_lr_ratio
     args.warmup = max(1, args.max_steps // 10) if args.warmup is None else args.warmup
     args.batch_size, args.grad_accum, error = split_batch(args, recipe["batch"], world)
@@ -173,7 +172,7 @@ def validate(p, args, recipes):
     for ok, flag, rule in (  # (holds?, the flag as typed, what a valid value is)
             (0 < args.lr < math.inf, f"--lr {args.lr}", "must be > 0"),
             (0 < args.sparse_lr_ratio < math.inf, f"--sparse-lr-ratio {args.sparse_lr_ratio}", "must be > 0"),
-            (not args.sparse_lr_ratio_given or (args.method == "sltrain" and args.delta > 0),
+            (args.sparse_lr_ratio == 1 or (args.method == "sltrain" and args.delta > 0),  # 1 changes nothing
              f"--sparse-lr-ratio with --method {args.method}" + " --delta 0" * (args.method == "sltrain"),
              "only sltrain with --delta > 0 has a sparse part S to give its own lr"),
             (0 <= args.grad_clip < math.inf, f"--grad-clip {args.grad_clip}", "must be >= 0 (0 = off)"),

@@ -221,7 +221,7 @@ class StopRequest:
         if self.signum and signum == signal.SIGTERM:
             return  # a scheduler's (or the launcher's) copy of the request: the step still finishes and saves
         if self.signum:
-            os.write(2, b"\ninterrupted again: exiting now; the last checkpoint is as it was\n")
+            os.write(2, b"\ninterrupted again: exiting now, without saving (a checkpoint already written stays whole)\n")
             os._exit(128 + signum)
         self.signum = signum
         if self.loud:  # os.write, not print: the signal may arrive while the loop is inside a print

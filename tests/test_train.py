@@ -272,6 +272,7 @@ def test_sparse_lr_ratio_is_refused_without_S_and_must_match_on_resume(data_dir,
         with pytest.raises(SystemExit):
             train.get_args(["--method", method, "--sparse-lr-ratio", "0.1"])
         assert f"--sparse-lr-ratio with --method {method}:" in capsys.readouterr().err
+        assert train.get_args(["--method", method, "--sparse-lr-ratio", "1"]).sparse_lr_ratio == 1  # rerun.py pins it
     with pytest.raises(SystemExit):
         train.get_args(["--delta", "0", "--sparse-lr-ratio", "0.1"])
     assert "--method sltrain --delta 0" in capsys.readouterr().err
