@@ -361,11 +361,14 @@ def plot(args, out):
 def main(argv=None):
     args, t0 = get_args(argv), time.time()
     out = study.collected(collect, args)  # a run that failed: one error line
-    print(report(args, out))
+    tables = report(args, out)
+    print(tables)
     if (args.results == os.path.join(ROOT, "benchmarks", "results", "horizon") and all(out["best"].values()) and
             all(out["seeds"].get((label, s)) for label, _, _ in MODELS for s in SEEDS) and study.write_block(
             os.path.join(ROOT, "README.md"), "horizon.py: headline", headline(args, out, memory_mb))):
         print("wrote the README's headline table")
+    if args.results == os.path.join(ROOT, "benchmarks", "results", "horizon"):
+        study.write_block(os.path.join(ROOT, "docs", "why_sparse.md"), "horizon.py: tables", tables)
     plot(args, out)
     print(f"horizon: {(time.time() - t0) / 60:.1f} min")
 

@@ -184,7 +184,8 @@ def report(args, res, sizes):
     i = LADDER.index(STUDY_LR)
     lrs = LADDER[i - 1:i + 2]
     dense_lr = "-" if res["dense_lr"] is None else f"{res['dense_lr']:g}"
-    lines = [f"Every method and setting at {args.seed_steps} steps ({args.seed_steps * 4096 / 1e6:.1f}M tokens): "
+    named = {name: f"Eval: {study.eval_named(study.sweep_records(folder(args, name)))}." for name in ("ablation", "dense")}
+    lines = [named["ablation"], "", f"Every method and setting at {args.seed_steps} steps ({args.seed_steps * 4096 / 1e6:.1f}M tokens): "
              "final val loss, seed 0 and mean +- sd (seeds); - = not run yet. Params and memory: train.py --dry-run "
              f"(bf16 weights and Adam moments, int64 support indices). lr: lowrank and sltrain 1e-2, full (tiny) "
              f"1e-3, full ({DENSE}) {dense_lr}.", "",
@@ -211,7 +212,7 @@ def report(args, res, sizes):
     ablation = "\n".join(lines) + "\n"
     # the verdict: sltrain vs the dense model of its size, paired by seed
     grid = sorted(set(study.LRS) | set(res["dense_sweep"]))
-    lines = [f"{DENSE} full-rank lr sweep ({args.sweep_steps} steps, seed 0), final val loss (- = not run yet):", "",
+    lines = [named["dense"], "", f"{DENSE} full-rank lr sweep ({args.sweep_steps} steps, seed 0), final val loss (- = not run yet):", "",
              "| " + " | ".join(f"lr {lr:g}" for lr in grid) + " |", "|" + "---|" * len(grid),
              "| " + " | ".join(cell(res["dense_sweep"].get(lr)) for lr in grid) + " |"]
     lines += ["", f"sltrain (tiny, r 32, delta 0.03, lr 1e-2, {sizes['sltrain r32 d0.03'][0]:,} params) vs full-rank "
@@ -274,7 +275,10 @@ def main(argv=None):
     t0 = time.time()
     res = study.collected(collect, args)
     sizes = {p[0]: footprint(*p[1:5]) for p in points(res)}
-    report(args, res, sizes)
+    ablation, dense = report(args, res, sizes)
+    if args.results == os.path.join(ROOT, "benchmarks", "results"):  # docs/why_sparse.md quotes both tables
+        for name, text in (("ablation", ablation), ("dense", dense)):
+            study.write_block(os.path.join(ROOT, "docs", "why_sparse.md"), f"why_sparse.py: {name}", text)
     plot(args, res, sizes)
     print(f"why_sparse: {(time.time() - t0) / 60:.1f} min")
     return res
