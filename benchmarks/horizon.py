@@ -12,8 +12,11 @@ under the eval that reads windows across the whole val split. Tiny model, offlin
    best at --steps is its bracket's edge, one rung further on that side.
 2. seeds 0, 1, 2 at each model's --steps best lr.
 3. S's own lr: sltrain seed 0 for --longer steps at its best lr with --sparse-lr-ratio 0.1 (S's values at a
-   tenth of the factors' lr), beside each of the four at --longer steps, seed 0, at their best lr.
-4. seeds 1 and 2 at --longer steps for sltrain (both S lrs) and tiny-narrow.
+   tenth of the factors' lr). Its val loss has no twin at --longer steps under this eval; its train losses pair
+   with the committed --longer runs of the four (study/, dense/: seed 0, their 400-step lrs, the older eval),
+   whose training is the code's of today bit for bit (the report checks it on the --steps logs): equal seeds,
+   equal batches.
+4. seeds 1 and 2 at --longer steps for sltrain (both S lrs) and tiny-narrow, under this eval.
 5. the ablation's seed-0 cells (benchmarks/why_sparse.py's settings) at --steps steps, sltrain's best lr.
 Logs go to benchmarks/results/horizon/ (study.run: a finished log there is skipped, a finished one in its
 out-dir under --runs copied). Each log's config records the commit it ran at and what its evals read.
@@ -106,7 +109,7 @@ def wider(args, results, label, model, method):
 
 def collect(args, do_runs):
     """Each part's records, {part: {key: records or None}}, running what is missing when do_runs."""
-    out = dict(bracket={}, seeds={}, sparse={}, longer={}, ablation={}, rungs_400={})
+    out = dict(bracket={}, seeds={}, sparse={}, longer={}, ablation={}, rungs_400={}, committed={}, twins={})
     rungs = {}
     for label, model, method in MODELS:
         out["rungs_400"][label], rungs[label] = bracket(args, model, method)
@@ -119,13 +122,15 @@ def collect(args, do_runs):
         todo = [(label, lr) for label in kinds for lr in [wider(args, out["bracket"], label, *kinds[label])] if lr]
     best = {label: horizon_best(args, out["bracket"], label) for label, _, _ in MODELS}
     out["best"] = best
+    for label, model, method in MODELS:  # the committed runs of the older eval (seed 0, the 400-step best lr)
+        for part, steps in (("committed", args.longer), ("twins", args.steps)):
+            path = os.path.join(SWEEPS[model], study.name_of(Task(method, out["rungs_400"][label], 0, steps, model)))
+            out[part][label] = read_log(path + ".jsonl") if os.path.exists(path + ".jsonl") else None
     parts = [
         ("seeds", [((label, s), Task(method, best[label], s, args.steps, model))
                    for label, model, method in MODELS if best[label] for s in SEEDS]),
         ("sparse", [(("sltrain", ratio, 0), Task("sltrain", best["sltrain"], 0, args.longer, sparse_lr_ratio=ratio))
-                    for ratio in (SPARSE_RATIO,) if best["sltrain"]] +
-                   [((label, None, 0), Task(method, best[label], 0, args.longer, model))  # sltrain first: the pair
-                    for label, model, method in sorted(MODELS, key=lambda m: m[0] != "sltrain") if best[label]]),
+                    for ratio in (SPARSE_RATIO,) if best["sltrain"]]),
         ("longer", [((label, ratio, s), Task(method, best[label], s, args.longer, model, sparse_lr_ratio=ratio))
                     for label, model, method, ratio in (("sltrain", "tiny", "sltrain", None),
                                                         ("sltrain", "tiny", "sltrain", SPARSE_RATIO),
@@ -154,6 +159,30 @@ def train_batch_loss(records, steps):
     return sum(v * k for v, k in parts) / n if n and n == steps - start else None
 
 
+def logged(records):
+    """{step: the train loss logged there}: the loss of that step's batch."""
+    return {r["step"]: r["loss"] for r in records if r.get("type") == "train"}
+
+
+def mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def norm_ratio(record):
+    """||S|| / ||scale B A|| of an eval record, the sums over layer types (None where not logged)."""
+    n = record.get("norms_S_BA")
+    return sum(v[0] for v in n.values()) / sum(v[1] for v in n.values()) if n and sum(v[1] for v in n.values()) else None
+
+
+def identical_training(new, old):
+    """(equal, compared): the logged train losses two logs of one run share, and how many are bitwise equal."""
+    if not new or not old:
+        return 0, 0
+    a, b = logged(new), logged(old)
+    common = set(a) & set(b)
+    return sum(a[s] == b[s] for s in common), len(common)
+
+
 def evals(records):
     return {r["step"]: r["val_loss"] for r in records if r.get("type") == "eval"}
 
@@ -163,6 +192,10 @@ def memory_mb(model, method):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--method", method,
                           "--dry-run", *study.VOCAB], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["est_memory_bytes"] / 1e6
+
+
+def signed(v):
+    return "-" if v is None else f"{v:+.4f}"
 
 
 def fmt(v, digits=4):
@@ -253,19 +286,44 @@ def report(args, out):
                   + ("-" if math.isnan(g[2]) else f"[{g[2]:.2f}, {g[3]:.2f}]")]
     # 3 and 4: S's own lr at the longer horizon
     long = {key: r for key, r in list(out["sparse"].items()) + list(out["longer"].items()) if r}
-    rows = [("sltrain", None, "sltrain"), ("sltrain", SPARSE_RATIO, f"sltrain, S at {SPARSE_RATIO:g} x lr"),
-            ("full", None, "full"), ("lowrank", None, "lowrank"), ("tiny-narrow", None, "tiny-narrow")]
-    lines += ["", f"## 3. S's own lr: {args.longer} steps ({args.longer * 4096 / 1e6:.1f}M tokens), seed 0, each at its "
-              f"{args.steps}-step best lr", "", "| step | " + " | ".join(name for *_, name in rows) + " |",
-              "|---|" + "---|" * len(rows)]
-    curves = {name: evals(long[(label, ratio, 0)]) if (label, ratio, 0) in long else {} for label, ratio, name in rows}
-    for step in sorted(set().union(*curves.values())):
-        lines.append(f"| {step} | " + " | ".join(fmt(curves[name].get(step)) for *_, name in rows) + " |")
-    by_seed = {name: {s: long[(label, ratio, s)] for s in SEEDS if (label, ratio, s) in long} for label, ratio, name in rows}
-    lines += [""] + difference_rows([
-        (f"sltrain (S at {SPARSE_RATIO:g} x lr) - sltrain", by_seed[rows[1][2]], by_seed["sltrain"]),
-        (f"sltrain (S at {SPARSE_RATIO:g} x lr) - tiny-narrow", by_seed[rows[1][2]], by_seed["tiny-narrow"]),
-        ("sltrain - tiny-narrow", by_seed["sltrain"], by_seed["tiny-narrow"])], args.longer)
+    slr = long.get(("sltrain", SPARSE_RATIO, 0))
+    name = f"sltrain, S at {SPARSE_RATIO:g} x lr"
+    lines += ["", f"## 3. S's own lr: {args.longer} steps ({args.longer * 4096 / 1e6:.1f}M tokens), seed 0", "",
+              f"{name} (lr {fmt(out['best']['sltrain'], 0) if not out['best']['sltrain'] else format(out['best']['sltrain'], 'g')} "
+              f"for A and B, {SPARSE_RATIO:g} x that for S's values), val loss at each eval under this eval, and "
+              f"||S|| / ||scale B A|| (their sums over the layer types):", "", "| step | val loss | ||S|| / ||scale B A|| |",
+              "|---|---|---|"]
+    for rec in [r for r in slr or [] if r.get("type") == "eval"]:
+        lines.append(f"| {rec['step']} | {fmt(rec['val_loss'])} | {fmt(norm_ratio(rec), 3)} |")
+    same = {label: identical_training(out["bracket"].get(label, {}).get(out["rungs_400"][label]), out["twins"][label])
+            for label in labels}
+    lines += ["", f"Its train loss against the committed {args.longer}-step runs (seed 0, each at its 400-step lr, "
+              f"the older eval: their val losses do not compare). Their training is today's code's bit for bit: the "
+              f"logged train losses of each model's {args.steps}-step run at that lr, committed then and run again "
+              f"here, are equal at " + ", ".join(f"{label} {k}/{n}" for label, (k, n) in same.items()) +
+              " logged steps. Equal seeds train on equal batches, so each logged step pairs the same batch:", "",
+              f"| model (lr) | mean train loss, logged steps of the last 10% | {name} - model, there | the same over "
+              f"the whole run |", "|---|---|---|---|"]
+    mine = logged(slr) if slr else {}
+    for label in labels:
+        theirs = logged(out["committed"][label]) if out["committed"][label] else {}
+        tail = [s for s in sorted(set(mine) & set(theirs)) if s > args.longer - args.longer // 10]
+        whole = sorted(set(mine) & set(theirs))
+        if not theirs:
+            continue
+        lr = out["rungs_400"][label]
+        lines.append(f"| {label} ({lr:g}) | {fmt(mean([theirs[s] for s in tail]))} | "
+                     f"{signed(mean([mine[s] - theirs[s] for s in tail]))} ({len(tail)} steps) | "
+                     f"{signed(mean([mine[s] - theirs[s] for s in whole]))} ({len(whole)} steps) |")
+    lines += ["", f"One seed: a difference over logged steps pairs batches, not seeds; no CI. {name}'s own mean over "
+              f"the same steps: {fmt(mean([mine[s] for s in mine if s > args.longer - args.longer // 10]))}."]
+    by_seed = {key: {s: long[(label, ratio, s)] for s in SEEDS if (label, ratio, s) in long}
+               for key, (label, ratio) in (("slr", ("sltrain", SPARSE_RATIO)), ("sltrain", ("sltrain", None)),
+                                           ("tiny-narrow", ("tiny-narrow", None)))}
+    rows = difference_rows([(f"{name} - sltrain", by_seed["slr"], by_seed["sltrain"]),
+                            (f"{name} - tiny-narrow", by_seed["slr"], by_seed["tiny-narrow"])], args.longer)
+    if len(rows) > 2:  # part 4's seeds, under this eval
+        lines += ["", f"Seeds at {args.longer} steps under this eval (part 4):", ""] + rows
     # 5: the ablation
     lines += ["", f"## 5. The ablation's seed-0 cells at {args.steps} steps, sltrain's best lr", "",
               "| rank | delta | val loss | train-batch loss |", "|---|---|---|---|"]
@@ -336,24 +394,23 @@ def plot(args, out):
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout(), fig.savefig(os.path.join(args.results, "horizon.png"), dpi=100)
-    long = {key: r for key, r in list(out["sparse"].items()) + list(out["longer"].items()) if r and key[2] == 0}
-    if long:
+    slr = out["sparse"].get(("sltrain", SPARSE_RATIO, 0))
+    if slr:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for (label, ratio, _), r in long.items():
-            e = evals(r)
-            name = label + (f", S at {ratio:g} x lr" if ratio else "")
-            axes[0].plot([s * 4096 / 1e6 for s in e], list(e.values()), "--" if ratio else "-", color=colors[label],
-                         label=name)
-            norms = [(rec["step"], rec["norms_S_BA"]) for rec in r if rec.get("type") == "eval" and rec.get("norms_S_BA")]
-            if norms:
-                ratio_of = [sum(v[0] for v in n.values()) / max(1e-12, sum(v[1] for v in n.values())) for _, n in norms]
-                axes[1].plot([s * 4096 / 1e6 for s, _ in norms], ratio_of, "--" if ratio else "-", color=colors[label],
-                             label=name)
-        axes[0].set(xlabel="tokens (M)", ylabel="val loss (spread eval)", title=f"{args.longer} steps, seed 0")
-        axes[1].set(xlabel="tokens (M)", ylabel="||S|| / ||scale BA|| (mean over layer types)", yscale="log",
-                    title="the sparse part against the low-rank part")
-        for ax in axes:
-            ax.legend(fontsize=8)
+        runs = [(f"{label} ({out['rungs_400'][label]:g}, committed)", colors[label], "-", out["committed"][label])
+                for label, _, _ in MODELS if out["committed"][label]]
+        for name, color, style, records in runs + [(f"sltrain, S at {SPARSE_RATIO:g} x lr", "black", "--", slr)]:
+            steps = sorted(logged(records))
+            window = 5  # a moving mean over 5 logged batches: each point is one batch's loss
+            smooth = [mean([logged(records)[s] for s in steps[max(0, k - window + 1):k + 1]]) for k in range(len(steps))]
+            axes[0].plot([s * 4096 / 1e6 for s in steps], smooth, style, color=color, label=name)
+        norms = [(r["step"], norm_ratio(r)) for r in slr if r.get("type") == "eval" and norm_ratio(r) is not None]
+        axes[1].plot([s * 4096 / 1e6 for s, _ in norms], [v for _, v in norms], "o--", color="black")
+        axes[0].set(xlabel="tokens (M)", ylabel="train loss (mean of 5 logged batches)", ylim=(None, 2.0),
+                    title=f"{args.longer} steps, seed 0: the same batches")
+        axes[1].set(xlabel="tokens (M)", ylabel="||S|| / ||scale B A|| (sums over layer types)",
+                    title=f"sltrain, S at {SPARSE_RATIO:g} x lr: the sparse part against the low-rank part")
+        axes[0].legend(fontsize=8)
         fig.tight_layout(), fig.savefig(os.path.join(args.results, "sparse_lr.png"), dpi=100)
     print(f"wrote the PNGs to {args.results}")
 

@@ -322,3 +322,31 @@ def test_horizon_headline_pairs_seeds_and_sizes_the_claims():
     assert "- sltrain - lowrank, paired by seed: val loss -1.0000 +- 0.0000, 95% CI [-1.0000, -1.0000], lower" in text
     closed = [1.0 / 0.9, 1.0 / 0.8, 1.0 / 0.7]
     assert f"sltrain closes: {sum(closed) / 3:.2f} +-" in text
+
+
+def test_horizon_pairs_the_s_lr_run_with_the_committed_longer_runs_by_batch(tmp_path, monkeypatch):
+    """Part 3 on hand-made logs (--longer 100, logged every 10 steps): the S-lr run's train loss is 1.0 at every
+    logged step, the committed sltrain's 1.2 and full's 0.9; the last 10% is step 100 alone, the whole run
+    steps 10-100: differences -0.2 and +0.1 there. Training equal to the committed code: the committed --steps
+    twin and the bracket run log the same losses (3 of 3 equal); one changed loss is 2 of 3."""
+    for m, finals in SWEEP.items():
+        for lr, val in finals.items():
+            write(str(tmp_path / "sweep"), m, lr, 0, 400, val)
+    monkeypatch.setattr(horizon, "SWEEPS", {"tiny": str(tmp_path / "sweep"), "tiny-narrow": str(tmp_path / "sweep")})
+    train = lambda loss, steps, every: [dict(type="train", step=s, loss=loss, loss_mean=loss, steps_in_mean=1)  # noqa
+                                        for s in range(every, steps + 1, every)]
+    config = dict(type="config", eval_windows=8, seq_len=64, val_split_tokens=10_000, eval_share_read=0.05)
+    slr = [config, *train(1.0, 100, 10), dict(type="eval", step=100, val_loss=1.5, norms_S_BA={"attn.wq": [2.0, 4.0]})]
+    out = dict(rungs_400={"full": 1e-3, "lowrank": 3e-2, "sltrain": 1e-2, "tiny-narrow": 1e-3},
+               best={"full": 1e-3, "lowrank": 3e-2, "sltrain": 1e-2, "tiny-narrow": 1e-3},
+               bracket={"full": {1e-3: train(2.0, 30, 10)}, "sltrain": {1e-2: train(2.0, 30, 10)}},
+               twins={"full": train(2.0, 30, 10), "lowrank": None, "sltrain": [*train(2.0, 20, 10), *train(2.5, 30, 30)],
+                      "tiny-narrow": None},
+               committed={"full": train(0.9, 100, 10), "lowrank": None, "sltrain": train(1.2, 100, 10),
+                          "tiny-narrow": None},
+               seeds={}, sparse={("sltrain", horizon.SPARSE_RATIO, 0): slr}, longer={}, ablation={})
+    text = horizon.report(horizon.get_args(["--steps", "30", "--longer", "100", "--results", str(tmp_path / "o")]), out)
+    assert "| 100 | 1.5000 | 0.500 |" in text  # ||S|| / ||scale B A|| = 2 / 4
+    assert "equal at full 3/3, lowrank 0/0, sltrain 2/3, tiny-narrow 0/0 logged steps" in text
+    assert "| sltrain (0.01) | 1.2000 | -0.2000 (1 steps) | -0.2000 (10 steps) |" in text
+    assert "| full (0.001) | 0.9000 | +0.1000 (1 steps) | +0.1000 (10 steps) |" in text
