@@ -174,6 +174,23 @@ def norm_ratio(record):
     return sum(v[0] for v in n.values()) / sum(v[1] for v in n.values()) if n and sum(v[1] for v in n.values()) else None
 
 
+def config_of(records):
+    return next((r for r in records if r.get("type") == "config"), {})
+
+
+BATCH_KEYS = ("seed", "batch_size", "grad_accum", "seq_len", "world_size")  # with the data: which batch a step sees
+
+
+def batches_differ(a, b):
+    """What makes two runs' step-k batches differ ('' if nothing): a batch setting or the data (data.loader draws
+    step k's rows from the seed, the step and the micro-step)."""
+    ca, cb = config_of(a), config_of(b)
+    keys = [k for k in BATCH_KEYS if ca.get(k) != cb.get(k)]
+    data = {k: v for k, v in (ca.get("data_meta") or {}).items() if k != "seconds"} != \
+        {k: v for k, v in (cb.get("data_meta") or {}).items() if k != "seconds"}
+    return ", ".join(keys + ["data"] * data)
+
+
 def identical_training(new, old):
     """(equal, compared): the logged train losses two logs of one run share, and how many are bitwise equal."""
     if not new or not old:
@@ -297,26 +314,36 @@ def report(args, out):
         lines.append(f"| {rec['step']} | {fmt(rec['val_loss'])} | {fmt(norm_ratio(rec), 3)} |")
     same = {label: identical_training(out["bracket"].get(label, {}).get(out["rungs_400"][label]), out["twins"][label])
             for label in labels}
+    commits = sorted({config_of(out["committed"][label]).get("commit", "?") for label in labels if out["committed"][label]})
     lines += ["", f"Its train loss against the committed {args.longer}-step runs (seed 0, each at its 400-step lr, "
-              f"the older eval: their val losses do not compare). Their training is today's code's bit for bit: the "
-              f"logged train losses of each model's {args.steps}-step run at that lr, committed then and run again "
-              f"here, are equal at " + ", ".join(f"{label} {k}/{n}" for label, (k, n) in same.items()) +
-              " logged steps. Equal seeds train on equal batches, so each logged step pairs the same batch:", "",
-              f"| model (lr) | mean train loss, logged steps of the last 10% | {name} - model, there | the same over "
-              f"the whole run |", "|---|---|---|---|"]
+              f"commits {', '.join(commits)}, the older eval: their val losses do not compare). Equal seeds and batch "
+              f"settings train on equal batches, so each logged step pairs the same batch, if the training code "
+              f"computes a step as it did: the logged train losses of each model's {args.steps}-step run at that lr, "
+              f"committed from the older eval's runs and run again here, are equal at "
+              + ", ".join(f"{label} {k}/{n}" for label, (k, n) in same.items()) + " logged steps.", ""]
     mine = logged(slr) if slr else {}
+    rows = []
     for label in labels:
-        theirs = logged(out["committed"][label]) if out["committed"][label] else {}
+        if not out["committed"][label] or not slr:
+            continue
+        k, n = same[label]
+        other = batches_differ(slr, out["committed"][label])
+        lr = out["rungs_400"][label]
+        if other or not k == n > 0:
+            rows.append(f"| {label} ({lr:g}) | not paired: " + (f"{other} not the same" if other else
+                        f"{n - k} of {n} logged losses of its {args.steps}-step twin differ") + " | | |")
+            continue
+        theirs = logged(out["committed"][label])
         tail = [s for s in sorted(set(mine) & set(theirs)) if s > args.longer - args.longer // 10]
         whole = sorted(set(mine) & set(theirs))
-        if not theirs:
-            continue
-        lr = out["rungs_400"][label]
-        lines.append(f"| {label} ({lr:g}) | {fmt(mean([theirs[s] for s in tail]))} | "
-                     f"{signed(mean([mine[s] - theirs[s] for s in tail]))} ({len(tail)} steps) | "
-                     f"{signed(mean([mine[s] - theirs[s] for s in whole]))} ({len(whole)} steps) |")
-    lines += ["", f"One seed: a difference over logged steps pairs batches, not seeds; no CI. {name}'s own mean over "
-              f"the same steps: {fmt(mean([mine[s] for s in mine if s > args.longer - args.longer // 10]))}."]
+        rows.append(f"| {label} ({lr:g}) | {fmt(mean([theirs[s] for s in tail]))} | "
+                    f"{signed(mean([mine[s] - theirs[s] for s in tail]))} ({len(tail)} steps) | "
+                    f"{signed(mean([mine[s] - theirs[s] for s in whole]))} ({len(whole)} steps) |")
+    if rows:
+        lines += [f"| model (lr) | mean train loss, logged steps of the last 10% | {name} - model, there | the same "
+                  f"over the whole run |", "|---|---|---|---|", *rows, "",
+                  f"One seed: a difference over logged steps pairs batches, not seeds; no CI. {name}'s own mean over "
+                  f"the same steps: {fmt(mean([mine[s] for s in mine if s > args.longer - args.longer // 10]))}."]
     by_seed = {key: {s: long[(label, ratio, s)] for s in SEEDS if (label, ratio, s) in long}
                for key, (label, ratio) in (("slr", ("sltrain", SPARSE_RATIO)), ("sltrain", ("sltrain", None)),
                                            ("tiny-narrow", ("tiny-narrow", None)))}
@@ -349,8 +376,10 @@ def headline(args, out, memory_mb):
     for label, model, method in MODELS:
         if not runs[label]:
             continue
-        val = [final_val(r, args.steps) for r in runs[label].values()]
-        batch = [train_batch_loss(r, args.steps) for r in runs[label].values()]
+        val = [v for v in (final_val(r, args.steps) for r in runs[label].values()) if v is not None]
+        batch = [v for v in (train_batch_loss(r, args.steps) for r in runs[label].values()) if v is not None]
+        if not val or not batch:
+            continue
         v, t = ci95(val), ci95(batch)
         lines.append(f"| {label} | {out['best'][label]:g} | {' / '.join(fmt(x) for x in val)} | "
                      f"**{fmt(v[0])} +- {fmt(v[1])}** | {fmt(t[0])} +- {fmt(t[1])} | {memory_mb(model, method):.2f} MB |")
@@ -425,7 +454,8 @@ def main(argv=None):
             os.path.join(ROOT, "README.md"), "horizon.py: headline", headline(args, out, memory_mb))):
         print("wrote the README's headline table")
     if args.results == os.path.join(ROOT, "benchmarks", "results", "horizon"):
-        study.write_block(os.path.join(ROOT, "docs", "why_sparse.md"), "horizon.py: tables", tables)
+        study.write_block(os.path.join(ROOT, "docs", "why_sparse.md"), "horizon.py: tables",
+                          tables.replace("\n## ", "\n### "))  # under that page's own section heading
     plot(args, out)
     print(f"horizon: {(time.time() - t0) / 60:.1f} min")
 

@@ -140,10 +140,14 @@ def validate(p, args, recipes):
     args.dist = args.dist or parallel.default_dist(world, args.model)
     if args.shard_size and args.dist != "hsdp":
         p.error(f"--shard-size with --dist {args.dist}: only --dist hsdp shards within groups of ranks")
-    if args.dist == "hsdp":  # a dry run without torchrun plans nodes of 8 GPUs
-        args.shard_size = args.shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", min(world, 8)))
-        if world % args.shard_size:
-            p.error(f"--shard-size {args.shard_size}: must divide the number of ranks, {world} (copies x shard size)")
+    if args.dist == "hsdp":  # a dry run plans nodes of 8 GPUs; under torchrun a copy is one node's ranks
+        given = args.shard_size is not None
+        local = os.environ.get("LOCAL_WORLD_SIZE", "")
+        args.shard_size = args.shard_size or (min(world, 8) if args.dry_run or not local.isdigit() else int(local))
+        if (args.dry_run or "WORLD_SIZE" in os.environ) and world % args.shard_size:  # else: not under torchrun
+            p.error(f"--shard-size {args.shard_size}: must divide the number of ranks, {world} (copies x shard size)"
+                    if given else f"--dist hsdp: the default --shard-size {args.shard_size} (the ranks per node) does "
+                    f"not divide the {world} ranks: pass --shard-size")
     args.rank = cfg.rank if args.rank is None else args.rank
     args.delta = cfg.delta if args.delta is None else args.delta
     args.alpha = cfg.alpha if args.alpha is None else args.alpha

@@ -198,17 +198,22 @@ def check_replicas(model):
     if _MESH is None or _MESH.shape[0] == 1:
         return
     names, sums = [], []
-    for name, p in model.named_parameters():
-        local = p.to_local().double().flatten()
+    for name, p in model.named_parameters():  # sums in float64 without a float64 copy of the shard
+        local = p.to_local()
         names.append(name)
-        sums += [local.sum(), (local * torch.arange(local.numel(), device=local.device, dtype=torch.float64)).sum()]
+        sums += [local.sum(dtype=torch.float64), torch.linalg.vector_norm(local, dtype=torch.float64)]
     lo, hi = torch.stack(sums), torch.stack(sums)  # two collectives for the whole model
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=_MESH.get_group("replicate"))
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=_MESH.get_group("replicate"))
-    differ = [name for i, name in enumerate(names) if not torch.equal(lo[2 * i:2 * i + 2], hi[2 * i:2 * i + 2])]
-    if differ:
-        raise RuntimeError(f"HSDP copies of {differ[0]} (and {len(differ) - 1} more) differ: the replicas of a "
-                           f"shard must update alike (stochastic rounding seeded by the shard, not the rank)")
+    same = torch.isclose(lo, hi, rtol=0, atol=0, equal_nan=True).view(-1, 2).all(dim=1)
+    differ = [name for name, ok in zip(names, same.tolist()) if not ok]
+    # the ranks of the other shards may hold equal copies: every rank learns of a drift, so none waits alone
+    any_differ = all_reduce_sum(torch.tensor([len(differ)], device=lo.device))
+    if any_differ.item():
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        where = differ[0] + more if differ else "another shard's parameters"
+        raise RuntimeError(f"HSDP copies of {where} differ: the replicas of a shard must update alike "
+                           f"(stochastic rounding seeded by the shard, not the rank)")
 
 
 def no_sync(model, args, last_micro_step):

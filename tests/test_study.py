@@ -342,11 +342,16 @@ def test_horizon_pairs_the_s_lr_run_with_the_committed_longer_runs_by_batch(tmp_
                bracket={"full": {1e-3: train(2.0, 30, 10)}, "sltrain": {1e-2: train(2.0, 30, 10)}},
                twins={"full": train(2.0, 30, 10), "lowrank": None, "sltrain": [*train(2.0, 20, 10), *train(2.5, 30, 30)],
                       "tiny-narrow": None},
-               committed={"full": train(0.9, 100, 10), "lowrank": None, "sltrain": train(1.2, 100, 10),
+               committed={"full": [config, *train(0.9, 100, 10)], "lowrank": None, "sltrain": [config, *train(1.2, 100, 10)],
                           "tiny-narrow": None},
                seeds={}, sparse={("sltrain", horizon.SPARSE_RATIO, 0): slr}, longer={}, ablation={})
-    text = horizon.report(horizon.get_args(["--steps", "30", "--longer", "100", "--results", str(tmp_path / "o")]), out)
+    args = horizon.get_args(["--steps", "30", "--longer", "100", "--results", str(tmp_path / "o")])
+    text = horizon.report(args, out)
     assert "| 100 | 1.5000 | 0.500 |" in text  # ||S|| / ||scale B A|| = 2 / 4
     assert "equal at full 3/3, lowrank 0/0, sltrain 2/3, tiny-narrow 0/0 logged steps" in text
-    assert "| sltrain (0.01) | 1.2000 | -0.2000 (1 steps) | -0.2000 (10 steps) |" in text
+    assert "| sltrain (0.01) | not paired: 1 of 3 logged losses of its 30-step twin differ | | |" in text
     assert "| full (0.001) | 0.9000 | +0.1000 (1 steps) | +0.1000 (10 steps) |" in text
+    out["twins"]["sltrain"] = train(2.0, 30, 10)  # the twin equal: paired
+    assert "| sltrain (0.01) | 1.2000 | -0.2000 (1 steps) | -0.2000 (10 steps) |" in horizon.report(args, out)
+    out["committed"]["sltrain"] = [dict(config, seed=1), *train(1.2, 100, 10)]  # another seed: other batches
+    assert "| sltrain (0.01) | not paired: seed not the same | | |" in horizon.report(args, out)
