@@ -438,7 +438,7 @@ def plot(args, out):
         axes[0].set(xlabel="tokens (M)", ylabel="train loss (mean of 5 logged batches)", ylim=(None, 2.0),
                     title=f"{args.longer} steps, seed 0: the same batches")
         axes[1].set(xlabel="tokens (M)", ylabel="||S|| / ||scale B A|| (sums over layer types)",
-                    title=f"sltrain, S at {SPARSE_RATIO:g} x lr: the sparse part against the low-rank part")
+                    title=f"sltrain, S at {SPARSE_RATIO:g} x lr: S against scale B A")
         axes[0].legend(fontsize=8)
         fig.tight_layout(), fig.savefig(os.path.join(args.results, "sparse_lr.png"), dpi=100)
     print(f"wrote the PNGs to {args.results}")
