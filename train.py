@@ -104,8 +104,8 @@ def build_optimizer(model, args):
         if args.dist in parallel.SHARDED:
             units = [[n for n, _ in named if n.startswith(f"blocks.{i}.")] for i in range(len(model.blocks))]
             units.append([n for n, _ in named if not n.startswith("blocks.")])
-        optimizer = PerLayerOptimizer(named, make, grad_accum_steps=1 if args.dist in parallel.SHARDED else args.grad_accum,
-                                      units=units)
+        accum = 1 if args.dist in parallel.SHARDED else args.grad_accum  # FSDP2 and HSDP: one hook call a step
+        optimizer = PerLayerOptimizer(named, make, grad_accum_steps=accum, units=units)
     else:
         optimizer = make([p for p in model.parameters() if p.requires_grad])
     optimizer.book_skips_in_step = False  # train_step books AdamW8bit's skips with the step's one read
