@@ -22,15 +22,14 @@ Logs go to benchmarks/results/horizon/ (study.run: a finished log there is skipp
 out-dir under --runs copied). Each log's config records the commit it ran at and what its evals read.
 """
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
 import time
 
 import study
 from study import LADDER, ROOT, Task, ci95, ci_text, final_val, read_log, run_all, verdict
+from why_sparse import footprint  # (parameters, the paper's memory estimate in MB) of a model and method
 
 # (label, model, method): the four models compared; tiny-narrow is the dense model of tiny sltrain's size
 MODELS = (("full", "tiny", "full"), ("lowrank", "tiny", "lowrank"), ("sltrain", "tiny", "sltrain"),
@@ -204,28 +203,12 @@ def evals(records):
     return {r["step"]: r["val_loss"] for r in records if r.get("type") == "eval"}
 
 
-def memory_mb(model, method):
-    """The paper's memory estimate of a tiny model (train.py --dry-run), in MB."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", model, "--method", method,
-                          "--dry-run", *study.VOCAB], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["est_memory_bytes"] / 1e6
-
-
 def signed(v):
     return "-" if v is None else f"{v:+.4f}"
 
 
 def fmt(v, digits=4):
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def eval_set(records):
-    """What the evals of these runs read (their config record)."""
-    config = next((r for r in records if r.get("type") == "config"), {})
-    if "eval_windows" not in config:
-        return "the first --eval-tokens of val (an older eval)"
-    return (f"{config['eval_windows']} windows of {config['seq_len']} tokens spread over the whole val split "
-            f"({config['val_split_tokens']:,} tokens; {config['eval_share_read']:.0%} of it read)")
 
 
 # -----------------------------------------------------------------------------
@@ -260,7 +243,7 @@ def report(args, out):
     """benchmarks/results/horizon/table.md; returns its text."""
     labels = [label for label, _, _ in MODELS]
     any_records = next((r for part in ("bracket",) for lrs in out[part].values() for r in lrs.values() if r), [])
-    lines = [f"Eval: {eval_set(any_records)}; the same windows for every run. Train-batch loss: the mean training "
+    lines = [f"Eval: {study.eval_named(any_records)}; the same windows for every run. Train-batch loss: the mean training "
              f"loss over the last 10% of the steps (equal seeds see identical batches). - = not run yet.", "",
              f"## 1. lr at the horizon: {args.steps} steps ({args.steps * 4096 / 1e6:.1f}M tokens), seed 0", "",
              "| model | 400-step best lr | " + " | ".join(f"lr {lr:g}" for lr in LADDER[2:8]) + " | best here |",
@@ -367,7 +350,7 @@ def report(args, out):
 def headline(args, out, memory_mb):
     """The README's result: each model's three seeds at --steps steps at its --steps best lr (val and train-batch
     loss, mean +- sd), its memory, and the paired differences with their 95% CIs. memory_mb(model, method) -> MB."""
-    lines = [f"Eval: {eval_set(next(r for r in out['seeds'].values() if r))}.", "",
+    lines = [f"Eval: {study.eval_named(next(r for r in out['seeds'].values() if r))}.", "",
              f"| {args.steps:,} steps ({args.steps * 4096 / 1e6:.1f}M tokens) | lr | val loss, seeds "
              f"{' / '.join(map(str, SEEDS))} | val mean +- sd | train-batch mean +- sd | memory (`--dry-run`) |",
              "|---|---|---|---|---|---|"]
@@ -451,7 +434,7 @@ def main(argv=None):
     print(tables)
     if (args.results == os.path.join(ROOT, "benchmarks", "results", "horizon") and all(out["best"].values()) and
             all(out["seeds"].get((label, s)) for label, _, _ in MODELS for s in SEEDS) and study.write_block(
-            os.path.join(ROOT, "README.md"), "horizon.py: headline", headline(args, out, memory_mb))):
+            os.path.join(ROOT, "README.md"), "horizon.py: headline", headline(args, out, lambda model, method: footprint(model, method)[1]))):
         print("wrote the README's headline table")
     if args.results == os.path.join(ROOT, "benchmarks", "results", "horizon"):
         study.write_block(os.path.join(ROOT, "docs", "why_sparse.md"), "horizon.py: tables",

@@ -314,7 +314,7 @@ def test_horizon_headline_pairs_seeds_and_sizes_the_claims():
     out = dict(best={label: 1e-2 for label in vals},
                seeds={(label, s): run(v) for label, vs in vals.items() for s, v in zip(horizon.SEEDS, vs)})
     text = horizon.headline(horizon.get_args(["--steps", "60"]), out, lambda model, method: 1.0)
-    assert "8 windows of 64 tokens spread over the whole val split (10,000 tokens; 5% of it read)" in text
+    assert "8 windows of 64 tokens spread over the whole val split (10,000 tokens, 5% of it read)" in text
     assert "| full | 0.01 | 1.1000 / 1.3000 / 1.5000 | **1.3000 +- 0.2000** | 1.8000 +- 0.2000 | 1.00 MB |" in text
     line = next(x for x in text.splitlines() if x.startswith("- sltrain - full"))
     assert "val loss -0.2000 +- 0.1000, 95% CI [-0.4484, +0.0484], within noise" in line
